@@ -1,0 +1,199 @@
+"""Refiner files: .safetensors with the official parameter names plus descriptive metadata.
+
+Plain state dicts without metadata (as other tools write them) load too: dims are inferred from
+the tensor shapes and the family is reported as unknown. Writing is atomic."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .families import FAMILIES, describe_dim, get_family
+from .refiner import DEFAULT_HEADS, PARAMETER_NAMES, DiceRefiner
+
+FORMAT_NAME = "cfg-distill.dice-refiner"
+FORMAT_VERSION = 1
+_KEY = "cfg_distill"  # the single metadata entry, a JSON object
+
+
+class RefinerFileError(ValueError):
+    """A refiner file that cannot be used; the message says what is wrong and what would be right."""
+
+
+@dataclass
+class RefinerInfo:
+    token_dim: int
+    inner_dim: int
+    heads: int = DEFAULT_HEADS
+    base_family: str = "unknown"
+    base_checkpoint: str = ""
+    base_hash: str = ""
+    guidance_scale: float | None = None
+    train_steps: int | None = None
+    keep_first_token: bool = True
+    extra: dict = field(default_factory=dict)
+    has_metadata: bool = True
+
+    def summary(self) -> str:
+        parts = [f"family {self.base_family}", f"{self.token_dim}-d tokens"]
+        if self.guidance_scale is not None:
+            parts.append(f"trained at w={self.guidance_scale:g}")
+        if self.train_steps is not None:
+            parts.append(f"{self.train_steps} steps")
+        if self.base_checkpoint:
+            parts.append(f"base {self.base_checkpoint}" + (f" [{self.base_hash}]" if self.base_hash else ""))
+        return ", ".join(parts)
+
+    def to_metadata(self) -> dict[str, str]:
+        d = asdict(self)
+        d.pop("has_metadata")
+        d.update(format=FORMAT_NAME, format_version=FORMAT_VERSION)
+        return {_KEY: json.dumps(d, sort_keys=True)}
+
+
+@dataclass
+class LoadedRefiner:
+    """What the loader hands to the apply node: the module, its description and its file name."""
+    module: DiceRefiner
+    info: RefinerInfo
+    name: str = ""
+
+
+def short_hash_of_file(path: str, length: int = 10) -> str:
+    """sha256 of a file, shortened (the same convention as the webuis' short model hashes)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:length]
+
+
+def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str]) -> None:
+    """Write to a temp file in the same folder, fsync, then rename: a crash never leaves half a file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=folder)
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_refiner(path: str, refiner: DiceRefiner, info: RefinerInfo) -> None:
+    if (info.token_dim, info.inner_dim, info.heads) != (refiner.token_dim, refiner.inner_dim, refiner.heads):
+        raise ValueError("refiner info does not describe this refiner's shape")
+    tensors = {k: v.float() for k, v in refiner.state_dict().items()}
+    atomic_save_safetensors(tensors, path, info.to_metadata())
+
+
+def _read_header(path: str) -> dict:
+    """Parse the safetensors header ourselves first, to give a useful message for non-safetensors."""
+    name = os.path.basename(path)
+    if not os.path.isfile(path):
+        raise RefinerFileError(f"refiner file {name!r} does not exist (looked at {path})")
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise RefinerFileError(f"{name!r} is empty or truncated ({size} bytes): not a .safetensors refiner")
+        n = int.from_bytes(head, "little")
+        if n <= 1 or n > min(size - 8, 100 << 20):
+            hint = " It looks like a pickle; convert official DICE .pkl files with " \
+                   "`python -m cfg_distill import-official IN.pkl OUT.safetensors`." if head[:1] == b"\x80" else ""
+            raise RefinerFileError(f"{name!r} is not a .safetensors file (bad header).{hint}")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise RefinerFileError(f"{name!r} has a corrupt .safetensors header") from None
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end > size:
+        raise RefinerFileError(f"{name!r} is truncated: the header describes {8 + n + end} bytes, "
+                               f"the file has {size}. Re-download or re-save it.")
+    return header
+
+
+def read_refiner_info(path: str) -> RefinerInfo:
+    """Metadata only (cheap: no tensors are read). Used by the UI's details view."""
+    header = _read_header(path)
+    return _info_from(header, os.path.basename(path))
+
+
+def _info_from(header: dict, name: str) -> RefinerInfo:
+    shapes = {k: v["shape"] for k, v in header.items() if k != "__metadata__"}
+    missing = [k for k in PARAMETER_NAMES if k not in shapes]
+    if missing:
+        raise RefinerFileError(
+            f"{name!r} is not a DICE refiner: missing {', '.join(missing)}. Expected the parameters "
+            f"{', '.join(PARAMETER_NAMES)} (as the official DICE code names them).")
+    inner, token_dim = shapes["fc1.weight"]
+    expected = {
+        "fc1.weight": [inner, token_dim], "fc1.bias": [inner],
+        "attention.to_q.weight": [inner, inner], "attention.to_k.weight": [inner, inner],
+        "attention.to_v.weight": [inner, inner], "attention.to_out.0.weight": [inner, inner],
+        "attention.to_out.0.bias": [inner], "fc2.weight": [token_dim, inner], "fc2.bias": [token_dim],
+    }
+    bad = [f"{k} {shapes[k]} (expected {v})" for k, v in expected.items() if shapes[k] != v]
+    if bad:
+        raise RefinerFileError(f"{name!r} has inconsistent shapes: {'; '.join(bad)}")
+    raw = (header.get("__metadata__") or {}).get(_KEY)
+    if raw is None:
+        return RefinerInfo(token_dim=token_dim, inner_dim=inner, has_metadata=False,
+                           keep_first_token=True)
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError:
+        raise RefinerFileError(f"{name!r} has corrupt cfg-distill metadata") from None
+    if meta.get("format") != FORMAT_NAME or not isinstance(meta.get("format_version"), int):
+        raise RefinerFileError(f"{name!r}: unrecognised metadata format {meta.get('format')!r}")
+    if meta["format_version"] > FORMAT_VERSION:
+        raise RefinerFileError(f"{name!r} was written by a newer cfg-distill (format "
+                               f"{meta['format_version']}, this version reads {FORMAT_VERSION}); update the pack")
+    if (meta.get("token_dim"), meta.get("inner_dim")) != (token_dim, inner):
+        raise RefinerFileError(f"{name!r}: metadata says {meta.get('token_dim')}/{meta.get('inner_dim')} dims "
+                               f"but the weights are {token_dim}/{inner}")
+    heads = int(meta.get("heads", DEFAULT_HEADS))
+    if heads <= 0 or inner % heads:
+        raise RefinerFileError(f"{name!r}: {heads} heads do not divide the inner dim {inner}")
+    family = meta.get("base_family", "unknown")
+    fam = FAMILIES.get(family, FAMILIES["other"])
+    if fam.token_dim is not None and fam.token_dim != token_dim:
+        raise RefinerFileError(f"{name!r}: family {family} uses {describe_dim(fam.token_dim)} tokens, "
+                               f"but the weights are {token_dim}-d")
+    return RefinerInfo(
+        token_dim=token_dim, inner_dim=inner, heads=heads, base_family=family,
+        base_checkpoint=str(meta.get("base_checkpoint", "")), base_hash=str(meta.get("base_hash", "")),
+        guidance_scale=meta.get("guidance_scale"), train_steps=meta.get("train_steps"),
+        keep_first_token=bool(meta.get("keep_first_token", fam.keep_first_token)),
+        extra=dict(meta.get("extra") or {}))
+
+
+def load_refiner(path: str) -> LoadedRefiner:
+    """Validate and load a refiner file (fp32, CPU, eval mode)."""
+    name = os.path.basename(path)
+    info = _info_from(_read_header(path), name)
+    try:
+        tensors = load_file(path, device="cpu")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise RefinerFileError(f"{name!r} could not be read as .safetensors: {e}") from None
+    module = DiceRefiner(info.token_dim, info.inner_dim, info.heads)
+    state = {k: tensors[k].float() for k in PARAMETER_NAMES}
+    for k, v in state.items():
+        if not torch.isfinite(v).all():
+            raise RefinerFileError(f"{name!r}: parameter {k} contains NaN or inf; the file is damaged "
+                                   "or training diverged. Use an earlier checkpoint.")
+    module.load_state_dict(state)
+    module.eval().requires_grad_(False)
+    return LoadedRefiner(module, info, name)
