@@ -1,0 +1,82 @@
+"""Load a DICE refiner and apply it to CLIP conditioning ahead of a stock KSampler at cfg 1."""
+import os
+
+from comfy_api.latest import io
+
+from ..cfg_distill import ConditioningError, load_refiner, refine_tokens
+from ..cfg_distill.refiner_file import RefinerFileError
+from . import folders
+from .conditioning import first_tokens, map_entries
+
+DiceRefinerType = io.Custom("DICE_REFINER")
+
+CFG1_RULE = (
+    "Set the KSampler's cfg to exactly 1.0: at cfg 1 ComfyUI runs ONE model pass per step, which is "
+    "the whole speed-up (at any other cfg it runs two, and the refined prompt is guided twice). "
+    "Avoid *_cfg_pp samplers: they always run the negative pass.")
+
+
+class LoadDiceRefiner(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DiceRefinerLoader",
+            display_name="Load DICE Refiner",
+            category="conditioning/cfg-distill",
+            description="Loads a DICE refiner (.safetensors) from models/dice_refiners or the pack's "
+                        "weights/ folder. A refiner belongs to one base model family (SD1.5, SDXL...).",
+            inputs=[io.Combo.Input("refiner_name", options=folders.refiner_names(),
+                                   tooltip="Refiner file; its base family is checked when applied.")],
+            outputs=[DiceRefinerType.Output(display_name="refiner")],
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, refiner_name):
+        # A refiner retrained under the same name must be reloaded.
+        try:
+            st = os.stat(folders.refiner_path(refiner_name))
+            return f"{refiner_name}:{st.st_mtime_ns}:{st.st_size}"
+        except (FileNotFoundError, OSError):
+            return refiner_name
+
+    @classmethod
+    def execute(cls, refiner_name) -> io.NodeOutput:
+        path = folders.refiner_path(refiner_name)
+        try:
+            loaded = load_refiner(path)
+        except RefinerFileError as e:
+            raise ValueError(f"Load DICE Refiner: {e}") from None
+        loaded.name = refiner_name
+        return io.NodeOutput(loaded)
+
+
+class ApplyDiceRefiner(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DiceRefinerApply",
+            display_name="Apply DICE Refiner",
+            category="conditioning/cfg-distill",
+            description="Rewrites the positive prompt's token embeddings with a DICE refiner so that one "
+                        "pass reproduces classifier-free guidance. " + CFG1_RULE,
+            inputs=[
+                io.Conditioning.Input("positive"),
+                io.Conditioning.Input("negative", tooltip="Encoding of the empty prompt \"\" for plain DICE "
+                                      "(what refiners are trained with), or a real negative prompt (zero-shot)."),
+                DiceRefinerType.Input("refiner"),
+                io.Float.Input("strength", default=1.0, min=-2.0, max=4.0, step=0.05,
+                               tooltip="alpha in c + alpha * S(c, uc); 1.0 is what the refiner was trained for."),
+            ],
+            outputs=[io.Conditioning.Output(display_name="positive",
+                                            tooltip="Refined positive: feed a KSampler at cfg 1.0.")],
+        )
+
+    @classmethod
+    def execute(cls, positive, negative, refiner, strength) -> io.NodeOutput:
+        uc, _ = first_tokens(negative, "negative")
+        first_tokens(positive, "positive")
+        try:
+            refined = map_entries(positive, lambda c, extras: (refine_tokens(refiner, c, uc, strength), {}))
+        except ConditioningError as e:
+            raise ValueError(f"Apply DICE Refiner: {e}") from None
+        return io.NodeOutput(refined)

@@ -1,0 +1,143 @@
+"""Regenerate example_workflows/*.json (ComfyUI's saved UI format) from one description.
+
+    python tools/make_example_workflows.py
+
+Each workflow uses stock loaders, encoders, KSampler at cfg 1.0 and SaveImage around our nodes,
+plus a note explaining the cfg 1 rule."""
+from __future__ import annotations
+
+import json
+import os
+
+OUT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "example_workflows")
+
+CFG1_NOTE = (
+    "cfg-distill: one model pass per step\n\n"
+    "The KSampler's cfg must be exactly 1.0. At cfg 1 ComfyUI skips the negative pass, which is the "
+    "whole speed-up: the guidance is already inside the refined (DICE) or fused (TeEFusion) "
+    "conditioning. Any other cfg runs two passes per step and guides twice.\n"
+    "Avoid *_cfg_pp samplers: they always run the negative pass.\n"
+    "A DICE refiner belongs to one base model (SD1.5, SDXL, ...): pick the one trained for your checkpoint.")
+
+# Output socket names / types of the nodes we use, for the UI format's outputs lists.
+OUTPUTS = {
+    "CheckpointLoaderSimple": [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")],
+    "CLIPTextEncode": [("CONDITIONING", "CONDITIONING")],
+    "EmptyLatentImage": [("LATENT", "LATENT")],
+    "KSampler": [("LATENT", "LATENT")],
+    "VAEDecode": [("IMAGE", "IMAGE")],
+    "SaveImage": [],
+    "DiceRefinerLoader": [("refiner", "DICE_REFINER")],
+    "DiceRefinerApply": [("positive", "CONDITIONING")],
+    "TeEFusionConditioning": [("positive", "CONDITIONING")],
+    "Note": [],
+}
+INPUTS = {  # linked inputs, in socket order
+    "CLIPTextEncode": [("clip", "CLIP")],
+    "KSampler": [("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
+                 ("latent_image", "LATENT")],
+    "VAEDecode": [("samples", "LATENT"), ("vae", "VAE")],
+    "SaveImage": [("images", "IMAGE")],
+    "DiceRefinerApply": [("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("refiner", "DICE_REFINER")],
+    "TeEFusionConditioning": [("positive", "CONDITIONING"), ("negative", "CONDITIONING")],
+}
+
+
+class Graph:
+    def __init__(self):
+        self.nodes, self.links = [], []
+
+    def add(self, type_, pos, widgets, title=None, size=(315, 120), color=None):
+        nid = len(self.nodes) + 1
+        node = {"id": nid, "type": type_, "pos": list(pos), "size": list(size), "flags": {},
+                "order": nid - 1, "mode": 0,
+                "inputs": [{"name": n, "type": t, "link": None} for n, t in INPUTS.get(type_, [])],
+                "outputs": [{"name": n, "type": t, "links": [], "slot_index": i}
+                            for i, (n, t) in enumerate(OUTPUTS[type_])],
+                "properties": {"Node name for S&R": type_}, "widgets_values": widgets}
+        if title:
+            node["title"] = title
+        if color:
+            node["color"], node["bgcolor"] = color
+        self.nodes.append(node)
+        return nid
+
+    def link(self, src, slot, dst, input_name):
+        lid = len(self.links) + 1
+        s, d = self.nodes[src - 1], self.nodes[dst - 1]
+        idx = next(i for i, x in enumerate(d["inputs"]) if x["name"] == input_name)
+        type_ = s["outputs"][slot]["type"]
+        self.links.append([lid, src, slot, dst, idx, type_])
+        s["outputs"][slot]["links"].append(lid)
+        d["inputs"][idx]["link"] = lid
+
+    def to_json(self):
+        return {"last_node_id": len(self.nodes), "last_link_id": len(self.links), "nodes": self.nodes,
+                "links": self.links, "groups": [], "config": {},
+                "extra": {"ds": {"scale": 0.8, "offset": [40, 40]}}, "version": 0.4}
+
+
+def build(ckpt, prompt, negative, size, method, refiner=None, strength=1.0, w=1.0, seed=42, steps=20):
+    g = Graph()
+    ck = g.add("CheckpointLoaderSimple", (0, 200), [ckpt], size=(315, 98))
+    pos = g.add("CLIPTextEncode", (360, 40), [prompt], title="Prompt", size=(400, 140))
+    neg = g.add("CLIPTextEncode", (360, 230), [negative],
+                title="Negative (empty prompt for plain DICE)" if negative == "" else "Negative prompt",
+                size=(400, 110))
+    g.link(ck, 1, pos, "clip")
+    g.link(ck, 1, neg, "clip")
+    if method == "dice":
+        ld = g.add("DiceRefinerLoader", (360, 400), [refiner], size=(400, 60))
+        ap = g.add("DiceRefinerApply", (800, 200), [strength], size=(280, 100))
+        g.link(pos, 0, ap, "positive")
+        g.link(neg, 0, ap, "negative")
+        g.link(ld, 0, ap, "refiner")
+    else:
+        ap = g.add("TeEFusionConditioning", (800, 200), [w, True, True], size=(280, 130))
+        g.link(pos, 0, ap, "positive")
+        g.link(neg, 0, ap, "negative")
+    lat = g.add("EmptyLatentImage", (800, 400), [size, size, 1], size=(280, 110))
+    ks = g.add("KSampler", (1120, 120), [seed, "fixed", steps, 1.0, "dpmpp_2m", "karras", 1.0],
+               title="KSampler (cfg 1.0 = one pass per step)", size=(315, 262))
+    g.link(ck, 0, ks, "model")
+    g.link(ap, 0, ks, "positive")
+    g.link(neg, 0, ks, "negative")
+    g.link(lat, 0, ks, "latent_image")
+    dec = g.add("VAEDecode", (1480, 120), [], size=(210, 46))
+    g.link(ks, 0, dec, "samples")
+    g.link(ck, 2, dec, "vae")
+    save = g.add("SaveImage", (1720, 120), [f"cfg-distill/{method}"], size=(400, 430))
+    g.link(dec, 0, save, "images")
+    g.add("Note", (0, 360), [CFG1_NOTE], title="Read me: cfg 1.0", size=(330, 300),
+          color=("#432", "#653"))
+    return g.to_json()
+
+
+WORKFLOWS = {
+    "dice_sd15.json": build("v1-5-pruned-emaonly.safetensors",
+                            "a red fox sitting in a snowy forest at sunrise, highly detailed", "", 512,
+                            "dice", refiner="dice_sd15.safetensors"),
+    "dice_sdxl.json": build("sd_xl_base_1.0.safetensors",
+                            "a lighthouse on a rocky coast under a stormy sky, oil painting", "", 1024,
+                            "dice", refiner="dice_sdxl.safetensors"),
+    "dice_negative_prompt.json": build("v1-5-pruned-emaonly.safetensors",
+                                       "portrait photo of an old fisherman, natural light",
+                                       "blurry, low quality, watermark, text", 512,
+                                       "dice", refiner="dice_sd15.safetensors"),
+    "teefusion_sd15.json": build("v1-5-pruned-emaonly.safetensors",
+                                 "a bowl of ripe peaches on a wooden table, still life", "", 512,
+                                 "teefusion", w=1.0),
+}
+
+
+def main():
+    os.makedirs(OUT, exist_ok=True)
+    for name, wf in WORKFLOWS.items():
+        with open(os.path.join(OUT, name), "w") as f:
+            json.dump(wf, f, indent=1)
+            f.write("\n")
+        print("wrote", os.path.join("example_workflows", name))
+
+
+if __name__ == "__main__":
+    main()

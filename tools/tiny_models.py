@@ -1,0 +1,92 @@
+"""Tiny real-architecture models, generated on the fly (never committed).
+
+- write_tiny_sd15(path): an SD1.5-format checkpoint that the stock CheckpointLoaderSimple detects
+  as SD1.5 (model_channels 320, context 768, conv proj_in, no middle block, one level), with a
+  full-size random CLIP-L text encoder and a TAESD-format VAE. Random but well-scaled weights
+  (randn / sqrt(fan_in)), so outputs are finite and depend on the prompt.
+- build_tiny_sdxl(): an SDXL-architecture ModelPatcher in library mode (SDXL cannot be shrunk
+  through checkpoint detection), for conditioning tests with 2048-d tokens and pooled vectors.
+"""
+from __future__ import annotations
+
+import torch
+
+from .comfy_env import use_comfy_library
+
+
+def _init_(module: torch.nn.Module, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.ndim >= 2:
+                fan_in = p[0].numel()
+                p.copy_(torch.randn(p.shape, generator=g) / fan_in ** 0.5)
+            elif name.endswith("bias"):
+                p.zero_()
+            else:  # norm scales: zeros would give a dead network
+                p.fill_(1.0)
+
+
+def _tiny_sd15_unet():
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+    import comfy.ops
+
+    return UNetModel(
+        image_size=32, in_channels=4, model_channels=320, out_channels=4, num_res_blocks=[1],
+        channel_mult=[1], num_heads=8, use_spatial_transformer=True, transformer_depth=[1],
+        transformer_depth_output=[1, 1], transformer_depth_middle=-2, context_dim=768,
+        use_linear_in_transformer=False, legacy=False, operations=comfy.ops.disable_weight_init)
+
+
+def tiny_sd15_state_dict(seed: int = 0, dtype=torch.float16) -> dict[str, torch.Tensor]:
+    use_comfy_library()
+    import comfy.ops
+    import comfy.sd1_clip
+    import comfy.taesd.taesd
+
+    sd = {}
+    unet = _tiny_sd15_unet()
+    _init_(unet, seed)
+    sd.update({f"model.diffusion_model.{k}": v for k, v in unet.state_dict().items()})
+    clip = comfy.sd1_clip.SDClipModel(device="cpu", dtype=torch.float32)
+    _init_(clip, seed + 1)
+    sd.update({f"cond_stage_model.{k}": v for k, v in clip.state_dict().items()
+               if k.startswith("transformer.text_model.")})
+    vae = comfy.taesd.taesd.TAESD()
+    _init_(vae, seed + 2)
+    for k, v in vae.state_dict().items():
+        if k == "vae_scale":
+            v = torch.ones_like(v)
+        elif k == "vae_shift":
+            v = torch.zeros_like(v)
+        sd[f"first_stage_model.{k}"] = v
+    return {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in sd.items()}
+
+
+def write_tiny_sd15(path: str, seed: int = 0) -> str:
+    from safetensors.torch import save_file
+
+    save_file(tiny_sd15_state_dict(seed), path)
+    return path
+
+
+def build_tiny_sdxl(seed: int = 0):
+    """An SDXL-architecture diffusion model (2048-d context, 2816-d y) wrapped as a ModelPatcher."""
+    use_comfy_library()
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    unet_config = {
+        "model_channels": 64, "use_linear_in_transformer": True, "transformer_depth": [0, 1],
+        "transformer_depth_output": [0, 0, 1, 1], "transformer_depth_middle": -2, "context_dim": 2048,
+        "adm_in_channels": 2816, "use_temporal_attention": False, "in_channels": 4, "out_channels": 4,
+        "num_res_blocks": [1, 1], "channel_mult": [1, 2], "num_head_channels": 64, "num_heads": -1,
+        "image_size": 32, "use_spatial_transformer": True, "legacy": False,
+    }
+    config = comfy.supported_models.SDXL(unet_config)
+    config.set_inference_dtype(torch.float32, None)
+    model = config.get_model({})
+    _init_(model.diffusion_model, seed)
+    return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"),
+                                            offload_device=torch.device("cpu"))
