@@ -80,7 +80,7 @@ def build_tiny_sdxl(seed: int = 0):
     unet_config = {
         "model_channels": 64, "use_linear_in_transformer": True, "transformer_depth": [0, 1],
         "transformer_depth_output": [0, 0, 1, 1], "transformer_depth_middle": -2, "context_dim": 2048,
-        "adm_in_channels": 2816, "use_temporal_attention": False, "in_channels": 4, "out_channels": 4,
+        "adm_in_channels": 2816, "num_classes": "sequential", "use_temporal_attention": False, "in_channels": 4, "out_channels": 4,
         "num_res_blocks": [1, 1], "channel_mult": [1, 2], "num_head_channels": 64, "num_heads": -1,
         "image_size": 32, "use_spatial_transformer": True, "legacy": False,
     }
