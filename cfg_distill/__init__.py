@@ -13,3 +13,14 @@ __all__ = [
     "read_refiner_info", "refine", "refine_tokens", "save_refiner",
 ]
 __version__ = "0.1.0"
+
+# DICE distillation loop (host-independent; the hosts' trainers call it)
+from .training import (Batch, GapReport, TrainConfig, TrainingDiverged, TrainingState, TrainingStateError,
+                       TrainResult, cfg_target, distill_loss, evaluate_gap, load_training_state, new_refiner,
+                       save_training_state, train_refiner)
+
+__all__ += [
+    "Batch", "GapReport", "TrainConfig", "TrainResult", "TrainingDiverged", "TrainingState",
+    "TrainingStateError", "cfg_target", "distill_loss", "evaluate_gap",
+    "load_training_state", "new_refiner", "save_training_state", "train_refiner",
+]
