@@ -30,3 +30,10 @@ def refiner_path(name: str) -> str:
             f"({', '.join(folder_paths.get_folder_paths(FOLDER))}). Put .safetensors refiners there "
             "and press R in the UI to refresh.")
     return folder_paths.get_full_path_or_raise(FOLDER, name)
+
+
+def default_dir() -> str:
+    """Where trained refiners are saved: the first registered folder (models/dice_refiners)."""
+    path = folder_paths.get_folder_paths(FOLDER)[0]
+    os.makedirs(path, exist_ok=True)
+    return path

@@ -1,0 +1,155 @@
+"""ComfyUI side of DICE distillation: teacher / student / data callables for the core loop, built
+only from ComfyUI's own sampling calls, so EPS, v-prediction and flow models all work and SDXL's
+pooled vector and size conditioning pass through untouched.
+
+Why the model is wrapped: weights of a MODEL loaded by ComfyUI are inference tensors, and
+back-propagating through them into the conditioning fails. An identity weight wrapper on every
+weight and bias of a CLONE makes comfy.ops cast a fresh copy per forward (as ComfyUI's own LoRA
+trainer does). The shared MODEL itself is never modified.
+
+Both teacher and student return eps-equivalent predictions, (x_t - denoised) / sigma, so the loss
+is the paper's eps-space loss for EPS models and a consistent one for the other parameterisations.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+import comfy.model_management
+import comfy.sample
+import comfy.sampler_helpers
+import comfy.samplers
+
+from ..cfg_distill.fusion import repeat_to_length
+from ..cfg_distill.training import Batch
+
+
+def _identity(weight):
+    return weight
+
+
+def trainable_clone(model):
+    """A clone whose forward passes can carry gradients into the conditioning."""
+    mp = model.clone()
+    for name, module in mp.model.named_modules():
+        if hasattr(module, "weight_function"):
+            for attr in ("weight", "bias"):
+                if getattr(module, attr, None) is not None:
+                    mp.add_weight_wrapper(f"{name}.{attr}", _identity)
+    return mp
+
+
+@dataclass
+class EncodedPrompt:
+    tokens: torch.Tensor  # [1, T, D], a normal (not inference) tensor
+    extras: dict  # pooled_output and anything else the text encoder returned
+
+
+def encode_prompts(clip, prompts: list[str]) -> list[EncodedPrompt]:
+    out = []
+    for p in prompts:
+        cond = clip.encode_from_tokens_scheduled(clip.tokenize(p))
+        tokens, extras = cond[0][0], cond[0][1]
+        extras = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in extras.items()}
+        out.append(EncodedPrompt(tokens.clone(), extras))
+    return out
+
+
+def _stack_conditioning(tokens: torch.Tensor, prompts: list[EncodedPrompt]) -> list:
+    """One ComfyUI conditioning entry for a batch: tokens [B, T, D], pooled stacked, other keys
+    (SDXL width / height / crops ...) from the first prompt (the text encoder makes them alike)."""
+    extras = {k: v for k, v in prompts[0].extras.items() if not isinstance(v, torch.Tensor)}
+    pooled = [p.extras.get("pooled_output") for p in prompts]
+    if all(isinstance(x, torch.Tensor) for x in pooled):
+        extras["pooled_output"] = torch.cat(pooled, 0)
+    return [[tokens, extras]]
+
+
+def batch_tokens(prompts: list[EncodedPrompt]) -> torch.Tensor:
+    """Stack prompts of 77*k tokens; shorter ones are tiled (attention-neutral) to a common length."""
+    import math
+
+    n = 1
+    for p in prompts:
+        n = math.lcm(n, p.tokens.shape[1])
+    return torch.cat([repeat_to_length(p.tokens, n) for p in prompts], 0)
+
+
+class ComfyDistillHost:
+    """Holds the trainable clone, the cached encodings and the x0 pool; provides the callables."""
+
+    def __init__(self, model, prompts: list[EncodedPrompt], null: EncodedPrompt, guidance_scale: float,
+                 batch_size: int):
+        self.mp = trainable_clone(model)
+        self.mp.model.requires_grad_(False)
+        self.prompts, self.null, self.w, self.batch_size = prompts, null, guidance_scale, batch_size
+        self.device = self.mp.load_device
+        self.ms = self.mp.get_model_object("model_sampling")
+        self.x0: list[torch.Tensor] = []  # model-space latents, one per pool entry
+        self.x0_prompt: list[int] = []  # which prompt each x0 belongs to
+
+    # -- set-up -----------------------------------------------------------------------------------
+    def load(self) -> None:
+        comfy.model_management.load_models_gpu([self.mp])
+        self.mp.pre_run()
+
+    def cleanup(self) -> None:
+        self.mp.cleanup()
+
+    def add_x0_from_images(self, latents: torch.Tensor, prompt_index: list[int]) -> None:
+        """Real images, VAE-encoded (latent format): the paper's data."""
+        lat = self.mp.model.process_latent_in(latents.to(torch.float32).clone())
+        for i in range(lat.shape[0]):
+            self.x0.append(lat[i:i + 1].cpu())
+            self.x0_prompt.append(prompt_index[i])
+
+    def add_x0_from_teacher(self, prompt_index: int, latent_hw: tuple[int, int], steps: int, seed: int) -> None:
+        """No images: x0 from the model itself, a few CFG sampling steps at w (cached per prompt)."""
+        h, w = latent_hw
+        channels = self.mp.model.latent_format.latent_channels
+        latent = torch.zeros(1, channels, h, w)
+        noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(seed))
+        p = self.prompts[prompt_index]
+        pos = [[p.tokens, dict(p.extras)]]
+        neg = [[self.null.tokens, dict(self.null.extras)]]
+        with torch.no_grad():
+            x0 = comfy.sample.sample(self.mp, noise, steps, self.w, "euler", "normal", pos, neg, latent,
+                                     seed=seed, disable_pbar=True)
+        self.x0.append(self.mp.model.process_latent_in(x0.float()).cpu())
+        self.x0_prompt.append(prompt_index)
+
+    # -- the three callables of the core loop ------------------------------------------------------
+    def sample_batch(self, step: int, g: torch.Generator) -> Batch:
+        idx = torch.randint(len(self.x0), (self.batch_size,), generator=g).tolist()
+        x0 = torch.cat([self.x0[i] for i in idx], 0)
+        prompts = [self.prompts[self.x0_prompt[i]] for i in idx]
+        u = (torch.rand(self.batch_size, generator=g) * 0.998 + 0.001).tolist()
+        sigma = torch.tensor([self.ms.percent_to_sigma(v) for v in u], dtype=torch.float32)
+        noise = torch.randn(x0.shape, generator=g)
+        x_t = self.ms.noise_scaling(sigma, noise, x0)
+        return Batch(x_t=x_t.to(self.device), sigma=sigma.to(self.device), c=batch_tokens(prompts).to(self.device),
+                     uc=self.null.tokens.to(self.device), extra={"prompts": prompts})
+
+    def _process(self, cond, batch: Batch):
+        # calc_cond_batch reads the active patcher, which ComfyUI's guider sets per sampling run.
+        self.mp.model.current_patcher = self.mp
+        conds = {"positive": comfy.sampler_helpers.convert_cond(cond)}
+        return comfy.samplers.process_conds(self.mp.model, batch.x_t, conds, self.device)["positive"]
+
+    def _eps(self, batch: Batch, denoised: torch.Tensor) -> torch.Tensor:
+        s = batch.sigma.reshape(-1, *([1] * (batch.x_t.ndim - 1)))
+        return (batch.x_t - denoised) / s
+
+    def teacher(self, batch: Batch) -> torch.Tensor:
+        cond = self._process(_stack_conditioning(batch.c, batch.extra["prompts"]), batch)
+        uncond = self._process([[self.null.tokens.to(self.device), dict(self.null.extras)]], batch)
+        denoised = comfy.samplers.sampling_function(self.mp.model, batch.x_t, batch.sigma, uncond, cond, self.w,
+                                                    model_options=self.mp.model_options)
+        return self._eps(batch, denoised)
+
+    def student(self, batch: Batch, refined_c: torch.Tensor) -> torch.Tensor:
+        cond = self._process(_stack_conditioning(refined_c, batch.extra["prompts"]), batch)
+        denoised = comfy.samplers.calc_cond_batch(self.mp.model, [cond], batch.x_t, batch.sigma,
+                                                  self.mp.model_options)[0]
+        return self._eps(batch, denoised)

@@ -1,0 +1,232 @@
+"""Train DICE Refiner: distil CFG at scale w into a refiner for the connected checkpoint."""
+from __future__ import annotations
+
+import logging
+import os
+import re
+
+import numpy as np
+import torch
+
+import comfy.model_management
+import comfy.utils
+import folder_paths
+from comfy_api.latest import io
+
+from ..cfg_distill.families import FAMILIES
+from ..cfg_distill.plot import loss_curve_image
+from ..cfg_distill.prompts import default_prompts
+from ..cfg_distill.refiner_file import LoadedRefiner, save_refiner, short_hash_of_file
+from ..cfg_distill.training import TrainConfig, TrainingDiverged, train_refiner
+from . import folders
+from .comfy_training import ComfyDistillHost, encode_prompts
+from .refiner_nodes import DiceRefinerType
+
+log = logging.getLogger("cfg_distill")
+PROGRESS_EVENT, DONE_EVENT = "cfg_distill.train.progress", "cfg_distill.train.done"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._ -]{0,120}$")
+
+
+def family_of(model, token_dim: int) -> str:
+    cls = type(model.model).__name__.lower()
+    for key in ("sdxl", "sd3", "pixart"):
+        if cls.startswith(key):
+            return key
+    return {768: "sd15", 1024: "sd2", 2048: "sdxl"}.get(token_dim, "other")
+
+
+def checkpoint_of(prompt: dict | None, node_id: str | None) -> str:
+    """Follow this node's `model` input upstream (through LoRA and patch nodes) to a loader's file."""
+    node = (prompt or {}).get(str(node_id))
+    for _ in range(64):
+        if node is None:
+            return ""
+        inputs = node.get("inputs", {})
+        for key in ("ckpt_name", "unet_name"):
+            if isinstance(inputs.get(key), str):
+                return inputs[key]
+        link = inputs.get("model")
+        node = prompt.get(str(link[0])) if isinstance(link, list) else None
+    return ""
+
+
+def send_event(name: str, data: dict) -> None:
+    try:
+        from server import PromptServer
+
+        PromptServer.instance.send_sync(name, data)
+    except Exception:  # library mode (headless trainer): no server to tell
+        pass
+
+
+def state_path_for(name: str) -> str:
+    return os.path.join(folders.default_dir(), f"{name}.dice-train-state")
+
+
+class TrainDiceRefiner(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="TrainDiceRefiner",
+            display_name="Train DICE Refiner",
+            category="conditioning/cfg-distill",
+            description="Distils classifier-free guidance at scale w into a DICE refiner for the connected "
+                        "checkpoint: only the small refiner is trained, the model stays frozen and unchanged. "
+                        "Without images, training latents come from the model itself (a few CFG sampling "
+                        "steps per prompt). Saves to models/dice_refiners/<name>.safetensors; Cancel stops "
+                        "within one step and keeps what was learned; 'resume' continues a saved run.",
+            inputs=[
+                io.Model.Input("model"),
+                io.Clip.Input("clip"),
+                io.String.Input("prompts", multiline=True, default="",
+                                tooltip="One prompt per line. Empty: the bundled list of varied prompts."),
+                io.Float.Input("guidance_scale", default=5.0, min=1.0, max=30.0, step=0.1,
+                               tooltip="The CFG scale w the refiner reproduces at cfg 1 (paper: 5)."),
+                io.Int.Input("steps", default=2000, min=1, max=1_000_000,
+                             tooltip="Total optimizer steps (with resume: the target, not the extra)."),
+                io.Int.Input("batch_size", default=4, min=1, max=512),
+                io.Float.Input("learning_rate", default=2e-4, min=1e-7, max=1.0, step=1e-5),
+                io.Combo.Input("loss", options=["l2", "l1"], default="l2",
+                               tooltip="Paper: L1 for SD1.5, L2 for SDXL (both summed per sample)."),
+                io.Int.Input("width", default=512, min=64, max=4096, step=8, tooltip="Training image width (px)."),
+                io.Int.Input("height", default=512, min=64, max=4096, step=8),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1),
+                io.String.Input("refiner_name", default="my_dice_refiner",
+                                tooltip="File name in models/dice_refiners (no extension)."),
+                io.Int.Input("save_every", default=200, min=0, max=1_000_000,
+                             tooltip="Checkpoint every N steps (0: only at the end and on cancel)."),
+                io.Boolean.Input("resume", default=False, tooltip="Continue the saved run of this name."),
+                io.Int.Input("x0_steps", default=8, min=1, max=100, optional=True,
+                             tooltip="Teacher sampling steps per prompt when no images are given."),
+                io.Combo.Input("autocast", options=["none", "bf16", "fp16"], default="none", optional=True,
+                               tooltip="Mixed precision on CUDA GPUs (ignored on CPU)."),
+                io.Image.Input("images", optional=True, tooltip="Real images to noise, as in the paper."),
+                io.Vae.Input("vae", optional=True, tooltip="Needed with images."),
+                io.String.Input("captions", multiline=True, optional=True, default="",
+                                tooltip="One caption per image; else the prompts are used in turn."),
+            ],
+            outputs=[DiceRefinerType.Output(display_name="refiner"), io.Image.Output(display_name="loss_curve")],
+            hidden=[io.Hidden.unique_id, io.Hidden.prompt],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, model, clip, prompts, guidance_scale, steps, batch_size, learning_rate, loss, width, height,
+                seed, refiner_name, save_every, resume, x0_steps=8, autocast="none", images=None, vae=None,
+                captions="") -> io.NodeOutput:
+        node_id = str(cls.hidden.unique_id) if cls.hidden else None
+        prompt_graph = cls.hidden.prompt if cls.hidden else None
+        result = run_training(model, clip, prompts, guidance_scale, steps, batch_size, learning_rate, loss,
+                              width, height, seed, refiner_name, save_every, resume, x0_steps, autocast,
+                              images, vae, captions, node_id=node_id,
+                              base_checkpoint=checkpoint_of(prompt_graph, node_id))
+        return io.NodeOutput(*result)
+
+
+def run_training(model, clip, prompts, guidance_scale, steps, batch_size, learning_rate, loss, width, height,
+                 seed, refiner_name, save_every, resume, x0_steps=8, autocast="none", images=None, vae=None,
+                 captions="", node_id=None, base_checkpoint="", should_stop=None, log_every=0):
+    """The node's work, callable from the headless trainer too. Returns (LoadedRefiner, loss image)."""
+    name = (refiner_name or "").strip()
+    if name.endswith(".safetensors"):
+        name = name[: -len(".safetensors")]
+    if not _NAME.match(name):
+        raise ValueError(f"refiner_name {refiner_name!r} is not a plain file name: use letters, digits, '.', "
+                         "'_', '-' or spaces (no folders); it is saved in models/dice_refiners")
+    texts = [p.strip() for p in (prompts or "").splitlines() if p.strip()] or default_prompts()
+    if width % 8 or height % 8:
+        raise ValueError(f"width and height must be multiples of 8 (got {width}x{height})")
+    if images is not None and vae is None:
+        raise ValueError("images were given without a VAE: connect the checkpoint's VAE to encode them")
+    config = TrainConfig(guidance_scale=guidance_scale, steps=steps, batch_size=batch_size, lr=learning_rate,
+                         loss=loss, seed=seed, save_every=save_every,
+                         autocast=None if autocast == "none" else autocast).validate()
+
+    with torch.inference_mode(False), torch.enable_grad():
+        encoded = encode_prompts(clip, texts)
+        null = encode_prompts(clip, [""])[0]
+        token_dim = null.tokens.shape[-1]
+        family = family_of(model, token_dim)
+        config.keep_first_token = FAMILIES.get(family, FAMILIES["other"]).keep_first_token
+        host = ComfyDistillHost(model, encoded, null, guidance_scale, batch_size)
+        host.load()
+        try:
+            _fill_x0_pool(host, texts, encoded, clip, images, vae, captions, steps * batch_size,
+                          (height // 8, width // 8), x0_steps, seed, node_id)
+            info_fields = dict(base_family=family, base_checkpoint=base_checkpoint,
+                               base_hash=_checkpoint_hash(base_checkpoint))
+            pbar = comfy.utils.ProgressBar(steps, node_id=node_id)
+
+            def on_step(step, total, loss_value, elapsed, eta):
+                pbar.update_absolute(step, total)
+                send_event(PROGRESS_EVENT, {"node": node_id, "step": step, "total": total, "loss": loss_value,
+                                            "eta_s": eta, "elapsed_s": elapsed})
+                _progress_text(f"step {step}/{total}  loss {loss_value:.4g}  eta {eta:.0f}s", node_id)
+                if log_every and (step % log_every == 0 or step == total):
+                    log.info("step %d/%d loss %.5g eta %.0fs", step, total, loss_value, eta)
+
+            try:
+                result = train_refiner(
+                    config, host.sample_batch, host.teacher, host.student, token_dim=token_dim,
+                    device=host.device, state_path=state_path_for(name), resume=resume,
+                    should_stop=should_stop or comfy.model_management.processing_interrupted,
+                    on_step=on_step, info=None)
+            except TrainingDiverged as e:
+                raise ValueError(f"Train DICE Refiner: {e}") from None
+        finally:
+            host.cleanup()
+
+    info = result.info(**info_fields)
+    path = os.path.join(folders.default_dir(), f"{name}.safetensors")
+    refiner = result.refiner.cpu().eval().requires_grad_(False)
+    save_refiner(path, refiner, info)
+    final = float(np.mean(result.losses[-10:])) if result.losses else float("nan")
+    send_event(DONE_EVENT, {"node": node_id, "final_loss": final, "file": os.path.basename(path),
+                            "cancelled": result.cancelled, "steps": result.step})
+    log.info("DICE refiner %s after %d steps (final loss %.5g)%s: %s", "saved", result.step, final,
+             " - cancelled" if result.cancelled else "", path)
+    if result.cancelled and should_stop is None:
+        comfy.model_management.throw_exception_if_processing_interrupted()
+    curve = torch.from_numpy(loss_curve_image(result.losses))[None]
+    return LoadedRefiner(refiner, info, os.path.basename(path)), curve
+
+
+def _fill_x0_pool(host, texts, encoded, clip, images, vae, captions, samples_needed, latent_hw, x0_steps, seed,
+                  node_id=None):
+    if images is not None:
+        caps = [c.strip() for c in (captions or "").splitlines() if c.strip()]
+        if caps and len(caps) != images.shape[0]:
+            raise ValueError(f"{len(caps)} captions for {images.shape[0]} images: give one caption per line "
+                             "per image, or none (then the prompts are used in turn)")
+        if caps:
+            host.prompts.extend(encode_prompts(clip, caps))
+            index = list(range(len(encoded), len(encoded) + len(caps)))
+        else:
+            index = [i % len(encoded) for i in range(images.shape[0])]
+        with torch.no_grad():
+            latents = vae.encode(images[:, :, :, :3].clone())
+        host.add_x0_from_images(latents, index)
+        return
+    # One latent per prompt actually reachable in this many samples, generated once and cached.
+    count = min(len(texts), max(samples_needed, 1))
+    for i in range(count):
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        _progress_text(f"preparing training latents {i + 1}/{count} (teacher CFG sampling)", node_id)
+        host.add_x0_from_teacher(i, latent_hw, x0_steps, seed + i)
+
+
+def _checkpoint_hash(name: str) -> str:
+    if not name:
+        return ""
+    path = folder_paths.get_full_path("checkpoints", name) or folder_paths.get_full_path("diffusion_models", name)
+    return short_hash_of_file(path) if path else ""
+
+
+def _progress_text(text: str, node_id) -> None:
+    try:
+        from server import PromptServer
+
+        if node_id is not None:
+            PromptServer.instance.send_progress_text(text, node_id)
+    except Exception:
+        pass
