@@ -16,8 +16,10 @@ from comfy_api.latest import io
 from ..cfg_distill.families import FAMILIES
 from ..cfg_distill.plot import loss_curve_image
 from ..cfg_distill.prompts import default_prompts
-from ..cfg_distill.refiner_file import LoadedRefiner, save_refiner, short_hash_of_file
-from ..cfg_distill.training import TrainConfig, TrainingDiverged, train_refiner
+from ..cfg_distill.refiner import DiceRefiner
+from ..cfg_distill.refiner_file import LoadedRefiner, RefinerInfo, save_refiner, short_hash_of_file
+from ..cfg_distill.training import (TrainConfig, TrainingDiverged, TrainResult, load_training_state,
+                                   train_refiner)
 from . import folders
 from .comfy_training import ComfyDistillHost, encode_prompts
 from .refiner_nodes import DiceRefinerType
@@ -125,8 +127,13 @@ class TrainDiceRefiner(io.ComfyNode):
 
 def run_training(model, clip, prompts, guidance_scale, steps, batch_size, learning_rate, loss, width, height,
                  seed, refiner_name, save_every, resume, x0_steps=8, autocast="none", images=None, vae=None,
-                 captions="", node_id=None, base_checkpoint="", should_stop=None, log_every=0):
-    """The node's work, callable from the headless trainer too. Returns (LoadedRefiner, loss image)."""
+                 captions="", node_id=None, base_checkpoint="", should_stop=None, log_every=0, on_step=None):
+    """The node's work, callable from the headless trainer too. Returns (LoadedRefiner, loss image).
+
+    Headless use: should_stop() replaces ComfyUI's interrupt flag (polled before every step and while
+    the training latents are prepared; a stop there raises InterruptProcessingException and nothing is
+    saved); a run cancelled during training then returns normally. on_step(step, total, loss,
+    elapsed_s, eta_s) follows every step. Under torch.distributed only rank 0 writes and reports."""
     name = (refiner_name or "").strip()
     if name.endswith(".safetensors"):
         name = name[: -len(".safetensors")]
@@ -152,47 +159,81 @@ def run_training(model, clip, prompts, guidance_scale, steps, batch_size, learni
         host.load()
         try:
             _fill_x0_pool(host, texts, encoded, clip, images, vae, captions, steps * batch_size,
-                          (height // 8, width // 8), x0_steps, seed, node_id)
+                          (height // 8, width // 8), x0_steps, seed, node_id, should_stop=should_stop)
             info_fields = dict(base_family=family, base_checkpoint=base_checkpoint,
                                base_hash=_checkpoint_hash(base_checkpoint))
             pbar = comfy.utils.ProgressBar(steps, node_id=node_id)
+            main_rank = _rank() == 0  # torch.distributed: all ranks hold the same weights; one writes
 
-            def on_step(step, total, loss_value, elapsed, eta):
-                pbar.update_absolute(step, total)
+            cancel = [False]
+
+            def stop() -> bool:
+                return cancel[0] or comfy.model_management.processing_interrupted()
+
+            def report_step(step, total, loss_value, elapsed, eta):
+                if on_step is not None:
+                    on_step(step, total, loss_value, elapsed, eta)
+                if not main_rank:
+                    return
+                try:
+                    pbar.update_absolute(step, total)
+                except comfy.model_management.InterruptProcessingException:
+                    cancel[0] = True  # the UI's Cancel: stop before the next step, keep what was learned
                 send_event(PROGRESS_EVENT, {"node": node_id, "step": step, "total": total, "loss": loss_value,
                                             "eta_s": eta, "elapsed_s": elapsed})
                 _progress_text(f"step {step}/{total}  loss {loss_value:.4g}  eta {eta:.0f}s", node_id)
                 if log_every and (step % log_every == 0 or step == total):
                     log.info("step %d/%d loss %.5g eta %.0fs", step, total, loss_value, eta)
 
+            state_path = state_path_for(name)
+            state_info = RefinerInfo(token_dim, config.inner_dim, config.heads, guidance_scale=guidance_scale,
+                                     keep_first_token=config.keep_first_token, **info_fields)
             try:
                 result = train_refiner(
                     config, host.sample_batch, host.teacher, host.student, token_dim=token_dim,
-                    device=host.device, state_path=state_path_for(name), resume=resume,
-                    should_stop=should_stop or comfy.model_management.processing_interrupted,
-                    on_step=on_step, info=None)
+                    device=host.device, state_path=state_path, resume=resume,
+                    should_stop=should_stop or stop, on_step=report_step, info=state_info)
             except TrainingDiverged as e:
                 raise ValueError(f"Train DICE Refiner: {e}") from None
+            except comfy.model_management.InterruptProcessingException:
+                # Cancel arrived inside a model pass: the loop saved its state before re-raising.
+                if not os.path.exists(state_path):
+                    raise
+                result = _result_from_state(state_path, config)
         finally:
             host.cleanup()
 
     info = result.info(**info_fields)
     path = os.path.join(folders.default_dir(), f"{name}.safetensors")
     refiner = result.refiner.cpu().eval().requires_grad_(False)
-    save_refiner(path, refiner, info)
     final = float(np.mean(result.losses[-10:])) if result.losses else float("nan")
-    send_event(DONE_EVENT, {"node": node_id, "final_loss": final, "file": os.path.basename(path),
-                            "cancelled": result.cancelled, "steps": result.step})
-    log.info("DICE refiner %s after %d steps (final loss %.5g)%s: %s", "saved", result.step, final,
-             " - cancelled" if result.cancelled else "", path)
+    if main_rank:
+        save_refiner(path, refiner, info)
+        send_event(DONE_EVENT, {"node": node_id, "final_loss": final, "file": os.path.basename(path),
+                                "cancelled": result.cancelled, "steps": result.step})
+        log.info("DICE refiner %s after %d steps (final loss %.5g)%s: %s", "saved", result.step, final,
+                 " - cancelled" if result.cancelled else "", path)
     if result.cancelled and should_stop is None:
-        comfy.model_management.throw_exception_if_processing_interrupted()
+        raise comfy.model_management.InterruptProcessingException()  # stop the rest of the graph
     curve = torch.from_numpy(loss_curve_image(result.losses))[None]
     return LoadedRefiner(refiner, info, os.path.basename(path)), curve
 
 
+def _rank() -> int:
+    dist = torch.distributed
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _result_from_state(state_path: str, config: TrainConfig) -> TrainResult:
+    state = load_training_state(state_path)
+    refiner = DiceRefiner(*state.shape)
+    refiner.load_state_dict(state.refiner)
+    return TrainResult(refiner=refiner, step=state.step, losses=list(state.losses), cancelled=True,
+                       state_path=state_path, config=config)
+
+
 def _fill_x0_pool(host, texts, encoded, clip, images, vae, captions, samples_needed, latent_hw, x0_steps, seed,
-                  node_id=None):
+                  node_id=None, should_stop=None):
     if images is not None:
         caps = [c.strip() for c in (captions or "").splitlines() if c.strip()]
         if caps and len(caps) != images.shape[0]:
@@ -211,6 +252,8 @@ def _fill_x0_pool(host, texts, encoded, clip, images, vae, captions, samples_nee
     count = min(len(texts), max(samples_needed, 1))
     for i in range(count):
         comfy.model_management.throw_exception_if_processing_interrupted()
+        if should_stop is not None and should_stop():  # headless cancel before the first step
+            raise comfy.model_management.InterruptProcessingException()
         _progress_text(f"preparing training latents {i + 1}/{count} (teacher CFG sampling)", node_id)
         host.add_x0_from_teacher(i, latent_hw, x0_steps, seed + i)
 
