@@ -1,0 +1,536 @@
+"""Host-independent logic of the AUTOMATIC1111 / Forge extension (scripts/cfg_distill_webui.py).
+
+The script file only reads the webui's objects and calls into this module, so everything that can
+go wrong with tensors, infotext or the skip_early_cond option is tested here without a webui:
+
+- settings and the CFG != 1 warning,
+- infotext keys (writing and reading back),
+- the per-step conditioning transform for SD1/2 tensor conds and SDXL dict conds, with AND rows
+  (text_cond has one row per AND-subprompt, the negative one row per image),
+- the skip_early_cond save / restore state machine,
+- the refiner folder: listing, loading once, short hashes.
+
+Imports only torch and the cfg_distill core (never the webui's `modules`).
+"""
+from __future__ import annotations
+
+import copy
+import math
+import os
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from .apply import ConditioningError, fuse_tokens, refine_tokens
+from .families import FAMILIES, describe_dim
+from .fusion import repeat_to_length
+from .refiner_file import LoadedRefiner, RefinerInfo, load_refiner, read_refiner_info, short_hash_of_file
+
+# ---------------------------------------------------------------------------------------------
+# Settings
+
+MODE_OFF, MODE_DICE, MODE_TEEFUSION = "Off", "DICE", "TeEFusion"
+MODES = (MODE_OFF, MODE_DICE, MODE_TEEFUSION)
+
+DEFAULT_STRENGTH = 1.0
+DEFAULT_W = 1.0
+# Official DICE inference passes the negative prompt's tokens as the null input when one is given.
+DEFAULT_NEGATIVE_AS_NULL = True
+
+REFINER_FOLDER_NAME = "dice_refiners"  # models/dice_refiners, the same name ComfyUI uses
+REFINER_EXTENSIONS = (".safetensors",)  # pickles are never offered: loading one runs code
+
+# SDXL's `vector` is [pooled text embedding (1280) | size / crop / aesthetic embeddings].
+SDXL_POOLED_DIM = 1280
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the user chose in the accordion for one generation."""
+    mode: str = MODE_OFF
+    refiner: str = ""
+    strength: float = DEFAULT_STRENGTH
+    negative_as_null: bool = DEFAULT_NEGATIVE_AS_NULL
+    w: float = DEFAULT_W
+
+    @property
+    def active(self) -> bool:
+        return self.mode in (MODE_DICE, MODE_TEEFUSION)
+
+    @classmethod
+    def from_ui(cls, mode, refiner, strength, negative_as_null, w) -> "Settings":
+        """From the values the webui passes to process(); tolerant of None from old API callers."""
+        mode = mode or MODE_OFF
+        if mode not in MODES:
+            raise ValueError(f"unknown cfg-distill mode {mode!r}; expected one of {', '.join(MODES)}")
+        return cls(mode=mode, refiner=refiner or "",
+                   strength=float(DEFAULT_STRENGTH if strength is None else strength),
+                   negative_as_null=bool(DEFAULT_NEGATIVE_AS_NULL if negative_as_null is None else negative_as_null),
+                   w=float(DEFAULT_W if w is None else w))
+
+
+def cfg_warning(mode: str, cfg_scale, hr_cfg_scale=None) -> str | None:
+    """The line shown in the UI and the console when the speed-up does not apply (CFG != 1)."""
+    if mode not in (MODE_DICE, MODE_TEEFUSION):
+        return None
+    scales = [("CFG scale", cfg_scale), ("Hires CFG scale", hr_cfg_scale)]
+    off = [(name, float(v)) for name, v in scales if v is not None and not math.isclose(float(v), 1.0)]
+    if not off:
+        return None
+    what = " and ".join(f"{name} is {v:g}" for name, v in off)
+    return (f"cfg-distill: {what}. {mode} is meant for CFG scale 1 (one model pass per step); "
+            f"the {mode} conditioning is still applied, but the webui also runs the negative pass "
+            f"and applies CFG on top: twice the cost per step and usually over-guided. "
+            f"Set CFG scale to 1.")
+
+
+# ---------------------------------------------------------------------------------------------
+# Infotext: p.extra_generation_params keys, and reading them back ("send to txt2img")
+
+INFO_MODE = "CFG distill"
+INFO_REFINER = "DICE refiner"
+INFO_REFINER_HASH = "DICE refiner hash"
+INFO_STRENGTH = "DICE strength"
+INFO_NEGATIVE = "DICE negative as null"
+INFO_W = "TeEFusion w"
+INFOTEXT_KEYS = (INFO_MODE, INFO_REFINER, INFO_REFINER_HASH, INFO_STRENGTH, INFO_NEGATIVE, INFO_W)
+
+
+def infotext_params(settings: Settings, refiner_hash: str = "") -> dict:
+    """The entries to put into p.extra_generation_params (only those of the active mode)."""
+    if not settings.active:
+        return {}
+    out = {INFO_MODE: settings.mode}
+    if settings.mode == MODE_DICE:
+        out[INFO_REFINER] = display_name(settings.refiner)
+        if refiner_hash:
+            out[INFO_REFINER_HASH] = refiner_hash
+        out[INFO_STRENGTH] = settings.strength
+        out[INFO_NEGATIVE] = settings.negative_as_null
+    else:
+        out[INFO_W] = settings.w
+    return out
+
+
+def _as_float(v, default):
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return default
+
+
+def _as_bool(v, default):
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, str) and v.strip().lower() in ("true", "false"):
+        return v.strip().lower() == "true"
+    return default
+
+
+def parse_infotext(params: dict) -> dict:
+    """Settings found in a parsed infotext (values are strings there); absent keys give defaults.
+
+    An infotext without our keys means the image was made with cfg-distill off."""
+    mode = str(params.get(INFO_MODE, MODE_OFF)).strip()
+    return {
+        "mode": mode if mode in MODES else MODE_OFF,
+        "refiner": str(params.get(INFO_REFINER, "") or "").strip(),
+        "refiner_hash": str(params.get(INFO_REFINER_HASH, "") or "").strip(),
+        "strength": _as_float(params.get(INFO_STRENGTH), DEFAULT_STRENGTH),
+        "negative_as_null": _as_bool(params.get(INFO_NEGATIVE), DEFAULT_NEGATIVE_AS_NULL),
+        "w": _as_float(params.get(INFO_W), DEFAULT_W),
+    }
+
+
+def display_name(name: str) -> str:
+    """A refiner's name as written into infotext: the file name without folder or extension."""
+    base = os.path.basename(name.replace("\\", "/"))
+    stem, ext = os.path.splitext(base)
+    return stem if ext.lower() in REFINER_EXTENSIONS else base
+
+
+def resolve_refiner(name: str, short_hash: str, available: Sequence[str],
+                    hash_of: Callable[[str], str] | None = None) -> str | None:
+    """The local refiner file an infotext names: by hash first (a renamed file is still found),
+    then by name. None when nothing matches (the dropdown then keeps its value)."""
+    if short_hash and hash_of is not None:
+        for candidate in available:
+            try:
+                if hash_of(candidate) == short_hash:
+                    return candidate
+            except OSError:
+                continue
+    for candidate in available:
+        if candidate == name or display_name(candidate) == display_name(name):
+            return candidate
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# skip_early_cond: one model pass per step on A1111 (it never skips the negative pass because
+# cfg = 1; only opts.skip_early_cond, a fraction of steps, makes it skip).
+
+_MISSING = object()
+
+
+class OptionOverride:
+    """Holds one option at a fixed value for one run and puts the user's value back.
+
+    States: idle --apply(token)--> active --restore()--> idle.
+    - apply() first restores a stale override (a run that failed before its restore), so the
+      user's value, never ours, is what gets saved.
+    - restore(token) only acts for the run that applied (a late safety net of an old run must not
+      undo a newer run's override); restore() without token always acts.
+    - The value is put back only if the option still holds ours: a value someone set meanwhile
+      (the settings page, another script) is left alone.
+    Works on the options' data dict directly: the value is transient, not a settings change
+    (Options.__setattr__ would refuse it under --freeze-settings and save it to config.json).
+    """
+
+    def __init__(self, key: str, value):
+        self.key, self.value = key, value
+        self._saved = _MISSING
+        self._token = None
+        self._active = False
+
+    @property
+    def active(self) -> bool:
+        return self._active
+
+    @property
+    def token(self):
+        return self._token
+
+    def apply(self, data: dict, token) -> None:
+        self.restore(data)
+        self._saved = data.get(self.key, _MISSING)
+        data[self.key] = self.value
+        self._token, self._active = token, True
+
+    def overrode(self, token) -> bool:
+        """True while the run with this token holds the option at a value the user did not have."""
+        return self._active and token is self._token and self._saved != self.value
+
+    def restore(self, data: dict, token=None) -> bool:
+        """Put the user's value back; True if this call ended an active override."""
+        if not self._active or (token is not None and token is not self._token):
+            return False
+        if data.get(self.key, _MISSING) == self.value:
+            if self._saved is _MISSING:
+                data.pop(self.key, None)
+            else:
+                data[self.key] = self._saved
+        self._saved, self._token, self._active = _MISSING, None, False
+        return True
+
+
+# ---------------------------------------------------------------------------------------------
+# Conditioning: tensors [rows, T, D] (SD1/2) or dicts {"crossattn": [rows, T, D], "vector": [rows, V]}
+
+def is_dict_cond(cond) -> bool:
+    return isinstance(cond, dict)
+
+
+def tokens_of(cond) -> torch.Tensor:
+    if is_dict_cond(cond):
+        if "crossattn" not in cond:
+            raise ConditioningError(f"this model's conditioning has no token sequence ('crossattn'); "
+                                    f"keys are {', '.join(map(str, cond))}")
+        return cond["crossattn"]
+    return cond
+
+
+def vector_of(cond) -> torch.Tensor | None:
+    return cond.get("vector") if is_dict_cond(cond) else None
+
+
+def rows_of(cond) -> int:
+    return int(tokens_of(cond).shape[0])
+
+
+def take_row(cond, i: int):
+    """Row i of a cond batch, kept as a batch of one."""
+    if is_dict_cond(cond):
+        return {k: v[i:i + 1] for k, v in cond.items() if isinstance(v, torch.Tensor)}
+    return cond[i:i + 1]
+
+
+def pooled_dim(vector: torch.Tensor) -> int:
+    """Width of the pooled text part of `vector`: 1280 for SDXL base (2816) and refiner (2560);
+    the whole vector for models whose vector is only the pooled embedding."""
+    return SDXL_POOLED_DIM if vector.shape[-1] > SDXL_POOLED_DIM else vector.shape[-1]
+
+
+def image_of_rows(n_rows: int, n_images: int | None, rows_per_image: Sequence[int] | None = None) -> list[int] | None:
+    """For each text_cond row, the image it belongs to (AND-subprompts give several rows per image).
+
+    rows_per_image comes from the host's multicond batch when it can be read; without it a
+    one-to-one or single-image batch is still unambiguous. None means unknown."""
+    if rows_per_image and sum(rows_per_image) == n_rows and (n_images is None or len(rows_per_image) == n_images):
+        return [i for i, n in enumerate(rows_per_image) for _ in range(n)]
+    if n_images == n_rows:
+        return list(range(n_rows))
+    if n_images == 1:
+        return [0] * n_rows
+    return None
+
+
+def null_plan(settings: Settings, negatives: Sequence[str] | None, n_images: int) -> list[str]:
+    """Per image, what the null input is: "negative" (the negative prompt as the host encodes it)
+    or "empty" (a real encoding of "").
+
+    TeEFusion fuses with the negative exactly as CFG would use it. DICE was trained with "" as its
+    null: the negative is used only when asked for and non-empty (the webuis ZERO an empty SDXL
+    negative, which is not what the refiner saw in training)."""
+    if settings.mode == MODE_TEEFUSION:
+        return ["negative"] * n_images
+    if not settings.negative_as_null:
+        return ["empty"] * n_images
+    if negatives is None or len(negatives) != n_images:
+        return ["negative"] * n_images
+    return ["negative" if (neg or "").strip() else "empty" for neg in negatives]
+
+
+def _same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and torch.equal(a, b)
+
+
+def _null_key(null) -> tuple:
+    return (tokens_of(null), vector_of(null))
+
+
+def group_images(nulls: Sequence) -> list[tuple[object, list[int]]]:
+    """Images that share the same null input (by value), so each group is refined in one call."""
+    groups: list[tuple[object, list[int]]] = []
+    for i, null in enumerate(nulls):
+        t, v = _null_key(null)
+        for g_null, members in groups:
+            gt, gv = _null_key(g_null)
+            if _same(t, gt) and _same(v, gv):
+                members.append(i)
+                break
+        else:
+            groups.append((null, [i]))
+    return groups
+
+
+class CondTransform:
+    """The per-step conditioning change of one run: DICE refinement or TeEFusion fusion.
+
+    Call it with the step's text_cond (fresh from the host each step), the null input of each
+    image (a batch of one each) and the image of each text_cond row. It returns a NEW cond: the
+    host's tensors and dicts are never modified. Results are cached by value, so a prompt that does
+    not change between steps is refined once (prompt editing simply gives new entries)."""
+
+    def __init__(self, settings: Settings, refiner: LoadedRefiner | None = None, cache_size: int = 8):
+        if settings.mode == MODE_DICE and refiner is None:
+            raise ValueError("DICE needs a loaded refiner")
+        if not settings.active:
+            raise ValueError("cfg-distill is off: nothing to transform")
+        self.settings, self.refiner, self.cache_size = settings, refiner, cache_size
+        self._cache: list[tuple[list, tuple, torch.Tensor, torch.Tensor | None]] = []
+        self.computed = 0  # how many times the maths ran (the rest were cache hits)
+
+    def __call__(self, text_cond, nulls: Sequence, row_image: Sequence[int] | None):
+        n_rows = rows_of(text_cond)
+        if row_image is None:
+            groups = group_images(nulls)
+            if len(groups) != 1:
+                raise ConditioningError(
+                    f"cannot tell which of the {n_rows} prompt rows (AND-subprompts) belong to which of "
+                    f"the {len(nulls)} images, and their negative prompts differ. Use the same negative "
+                    f"prompt for the whole batch, or batch size 1.")
+            row_image = [0] * n_rows
+            nulls = [nulls[0]]
+        if len(row_image) != n_rows:
+            raise ConditioningError(f"{len(row_image)} row owners given for {n_rows} prompt rows")
+
+        tokens, vector = tokens_of(text_cond), vector_of(text_cond)
+        key = [tokens, vector] + [t for null in nulls for t in _null_key(null)]
+        hit = self._lookup(key, tuple(row_image))
+        if hit is None:
+            hit = self._compute(tokens, vector, nulls, list(row_image))
+            self._store(key, tuple(row_image), hit)
+        new_tokens, new_vector = (t.clone() if t is not None else None for t in hit)
+        return self._rebuild(text_cond, new_tokens, new_vector)
+
+    # -- maths --------------------------------------------------------------------------------
+    def _compute(self, tokens, vector, nulls, row_image):
+        self.computed += 1
+        groups = group_images(nulls)
+        n_rows = tokens.shape[0]
+        parts = []
+        for null, images in groups:
+            rows = [r for r in range(n_rows) if row_image[r] in images]
+            if not rows:
+                continue
+            whole = rows == list(range(n_rows))
+            c = tokens if whole else tokens[rows]
+            vec = None if vector is None else (vector if whole else vector[rows])
+            parts.append((rows, *self._one_group(c, vec, null)))
+        return self._assemble(parts, n_rows)
+
+    def _one_group(self, c, vec, null):
+        s = self.settings
+        null_tokens = tokens_of(null)
+        if s.mode == MODE_DICE:  # tokens only: the pooled vector stays the host's own
+            return refine_tokens(self.refiner, c, null_tokens, s.strength), None
+        out_tokens = fuse_tokens(c, null_tokens, s.w, "token")
+        if vec is None:
+            return out_tokens, None
+        null_vec = vector_of(null)
+        if null_vec is None:
+            raise ConditioningError("the negative conditioning has no pooled vector but the prompt has one")
+        k = pooled_dim(vec)
+        fused = fuse_tokens(vec[:, :k], null_vec[:, :k], s.w, "pooled")
+        return out_tokens, torch.cat([fused, vec[:, k:]], dim=1)  # size embeddings untouched
+
+    @staticmethod
+    def _assemble(parts, n_rows):
+        if len(parts) == 1 and parts[0][0] == list(range(n_rows)):
+            return parts[0][1], parts[0][2]
+        # Groups may come back with different token counts (TeEFusion tiles to the negative's
+        # length): bring them to a common length by tiling whole sequences (attention-neutral).
+        length = 1
+        for _, t, _ in parts:
+            length = math.lcm(length, t.shape[1])
+        first = parts[0][1]
+        tokens = first.new_empty((n_rows, length, first.shape[-1]))
+        vector = None
+        if parts[0][2] is not None:
+            vector = parts[0][2].new_empty((n_rows, parts[0][2].shape[-1]))
+        for rows, t, v in parts:
+            idx = torch.tensor(rows, device=first.device)
+            tokens[idx] = repeat_to_length(t, length) if t.shape[1] != length else t
+            if vector is not None:
+                vector[idx] = v
+        return tokens, vector
+
+    @staticmethod
+    def _rebuild(text_cond, new_tokens, new_vector):
+        if not is_dict_cond(text_cond):
+            return new_tokens
+        # A shallow copy keeps the host's dict class (A1111 reads .shape of its DictWithShape) and
+        # any other keys; the host's own dict is left as it was.
+        out = copy.copy(text_cond)
+        out["crossattn"] = new_tokens
+        if new_vector is not None:
+            out["vector"] = new_vector
+        return out
+
+    # -- cache --------------------------------------------------------------------------------
+    def _lookup(self, key, owners):
+        for k, o, t, v in self._cache:
+            if o == owners and len(k) == len(key) and all(_same(a, b) for a, b in zip(k, key)):
+                return t, v
+        return None
+
+    def _store(self, key, owners, result):
+        # Keep copies: the host may reuse or change its tensors after this step.
+        frozen = [None if t is None else t.detach().clone() for t in key]
+        self._cache.append((frozen, owners, *result))
+        del self._cache[:-self.cache_size]
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks before a run starts
+
+def model_token_dim(is_sd1: bool = False, is_sd2: bool = False, is_sdxl: bool = False) -> int | None:
+    """The token width of the loaded checkpoint from the webui's model flags (None if unknown)."""
+    if is_sdxl:
+        return FAMILIES["sdxl"].token_dim
+    if is_sd2:
+        return FAMILIES["sd2"].token_dim
+    if is_sd1:
+        return FAMILIES["sd15"].token_dim
+    return None
+
+
+def check_refiner_for_model(info: RefinerInfo, name: str, model_dim: int | None) -> None:
+    """Refuse a refiner made for another model family before sampling starts.
+
+    Only refiners of a known width are judged (a 1280-d refiner for SDXL's refiner checkpoint, which
+    the webuis also flag as SDXL, passes and is checked per step instead)."""
+    known = {f.token_dim for f in FAMILIES.values() if f.token_dim}
+    if model_dim is None or info.token_dim not in known or info.token_dim == model_dim:
+        return
+    raise ConditioningError(
+        f"refiner {display_name(name)!r} is for {describe_dim(info.token_dim)} tokens "
+        f"(family {info.base_family}), but the loaded checkpoint uses {describe_dim(model_dim)} tokens. "
+        f"Pick a refiner trained for this checkpoint's family.")
+
+
+# ---------------------------------------------------------------------------------------------
+# The refiner folder
+
+class RefinerStore:
+    """Lists the refiner files of one or more folders (the first is the user's, later ones e.g. the
+    extension's bundled weights/) and loads each file once while it is unchanged on disk."""
+
+    def __init__(self, folders: Callable[[], Sequence[str]]):
+        self._folders = folders
+        self._loaded: dict[str, tuple[tuple, LoadedRefiner]] = {}
+        self._hashes: dict[str, tuple[tuple, str]] = {}
+
+    def folders(self) -> list[str]:
+        return [os.path.abspath(f) for f in self._folders()]
+
+    def folder(self) -> str:
+        """The main folder, named in messages."""
+        return self.folders()[0]
+
+    def names(self) -> list[str]:
+        """Relative paths ("sub/x.safetensors", always with "/"), sorted; the first folder wins a
+        name found in several. [] when no folder exists."""
+        found = set()
+        for root in self.folders():
+            for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+                dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+                for f in filenames:
+                    if f.lower().endswith(REFINER_EXTENSIONS) and not f.startswith("."):
+                        rel = os.path.relpath(os.path.join(dirpath, f), root)
+                        found.add(rel.replace(os.sep, "/"))
+        return sorted(found, key=str.lower)
+
+    def path(self, name: str) -> str:
+        """The file a listed name refers to; names never reach outside the folders."""
+        candidates = []
+        for root in self.folders():
+            path = os.path.abspath(os.path.join(root, name))
+            if os.path.commonpath([root, path]) != root:
+                raise ValueError(f"refiner name {name!r} points outside the refiner folder {root}")
+            if os.path.isfile(path):
+                return path
+            candidates.append(path)
+        return candidates[0]  # missing: load_refiner then says where it looked
+
+    @staticmethod
+    def _stamp(path: str) -> tuple:
+        st = os.stat(path)
+        return (st.st_mtime_ns, st.st_size)
+
+    def load(self, name: str) -> LoadedRefiner:
+        path = self.path(name)
+        stamp = self._stamp(path) if os.path.isfile(path) else None
+        cached = self._loaded.get(path)
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        loaded = load_refiner(path)  # raises RefinerFileError with a clear message
+        loaded.name = display_name(name)
+        self._loaded[path] = (stamp, loaded)
+        return loaded
+
+    def info(self, name: str) -> RefinerInfo:
+        return read_refiner_info(self.path(name))
+
+    def short_hash(self, name: str) -> str:
+        path = self.path(name)
+        stamp = self._stamp(path)
+        cached = self._hashes.get(path)
+        if cached is None or cached[0] != stamp:
+            cached = (stamp, short_hash_of_file(path))
+            self._hashes[path] = cached
+        return cached[1]

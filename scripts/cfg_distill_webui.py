@@ -1,0 +1,383 @@
+"""AUTOMATIC1111 / Forge adapter for cfg-distill: DICE refiners and TeEFusion at CFG 1.
+
+A thin layer over cfg_distill.webui_logic: it reads the webui's objects and hands tensors to the
+core. How it hooks in (the smallest hook that works in A1111, Forge, reForge and Forge-classic):
+
+- ONE on_cfg_denoiser callback, registered when this file is imported. Every sampler calls it each
+  step with FRESH conds; reassigning params.text_cond changes what the model sees, and p.c / p.uc
+  (caches shared across runs) are never touched.
+- The callback does nothing unless process() of this AlwaysVisible script put a run state on p
+  for the current run (process() sets or clears it on every run, so stale state never applies).
+- A1111 runs the negative pass even at CFG 1; only opts.skip_early_cond (1.0 = all steps) skips it.
+  We hold it at 1.0 for the run and put the user's value back. Which hooks always run:
+    before_process / process   start of every generation with scripts  -> restore anything stale
+    postprocess                success, and interrupt/skip (samplers catch those) -> restore
+    (nothing)                  an exception mid-generation skips postprocess -> a weakref
+                               finaliser on p restores when the failed run's p is released, and
+                               the next generation restores first in any case.
+  Forge skips the pass by itself at CFG 1 but then never encodes the negative (text_uncond is
+  None): we encode it ourselves when the mode needs it.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import weakref
+
+from cfg_distill import ConditioningError, RefinerFileError
+from cfg_distill import webui_logic as logic
+from modules import devices, prompt_parser, script_callbacks, scripts, shared
+
+try:  # models/ of the webui; `paths` has been there since 2022, fall back to the data dir
+    from modules.paths import models_path as _MODELS_PATH
+except ImportError:  # pragma: no cover - very old webuis
+    _MODELS_PATH = os.path.join(getattr(shared, "data_path", os.getcwd()), "models")
+
+TITLE = "CFG distill (DICE / TeEFusion)"
+RUN_ATTR = "_cfg_distill_run"  # the per-run state lives on p: it dies with p and copies of p
+SKIP_KEY = "skip_early_cond"
+HOST_SKIP_INFOTEXT = "Skip Early CFG"  # what A1111 writes into the infotext while it skips
+
+
+# The extension's own bundled refiners (weights/ beside scripts/), listed after the user's folder.
+BUNDLED_FOLDER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "weights")
+
+
+def refiner_folder() -> str:
+    """--dice-refiners-dir (see preload.py) or models/dice_refiners: ComfyUI can share it."""
+    custom = getattr(shared.cmd_opts, "dice_refiners_dir", None)
+    if custom:
+        return os.path.abspath(os.path.expanduser(custom))
+    return os.path.join(_MODELS_PATH, logic.REFINER_FOLDER_NAME)
+
+
+STORE = logic.RefinerStore(lambda: [refiner_folder(), BUNDLED_FOLDER])
+SKIP = logic.OptionOverride(SKIP_KEY, 1.0)
+
+
+def _host_is_forge() -> bool:
+    # Forge, reForge and Forge-classic all ship modules_forge and skip the pass at CFG 1 themselves.
+    return importlib.util.find_spec("modules_forge") is not None
+
+
+def _say(p, text: str) -> None:
+    """Console and the comments shown under the result in the UI."""
+    print(text)
+    comment = getattr(p, "comment", None)
+    if callable(comment):
+        comment(text)
+
+
+def _restore_skip(token=None) -> None:
+    SKIP.restore(shared.opts.data, token)
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-run state and the per-step callback
+
+class _Run:
+    """What process() decided for one run of one p; read by the callback each step."""
+
+    def __init__(self, settings: logic.Settings, transform: logic.CondTransform):
+        self.settings, self.transform = settings, transform
+        self.encoded: dict = {}  # (texts, negative?, size, steps, model) -> prompt schedules
+        self.failed = False
+        self.skip_token = None  # set when this run holds skip_early_cond at 1.0
+
+    def apply(self, params):
+        denoiser = params.denoiser
+        p = denoiser.p
+        step = getattr(denoiser, "step", params.sampling_step)
+        cond, uncond = params.text_cond, params.text_uncond
+        negatives = _negatives(p)
+        rows_per_image = _rows_per_image(denoiser)
+        if uncond is not None:
+            n_images = logic.rows_of(uncond)  # one row per image
+        else:
+            n_images = len(rows_per_image) if rows_per_image else len(negatives)
+        owners = logic.image_of_rows(logic.rows_of(cond), n_images, rows_per_image)
+        plan = logic.null_plan(self.settings, negatives, n_images)
+
+        negative_rows = empty = None
+        if "negative" in plan:  # Forge at CFG 1 never encodes the negative: do it here
+            negative_rows = uncond if uncond is not None else self.encode(p, negatives, True, step)
+        if "empty" in plan:
+            empty = logic.take_row(self.encode(p, [""], False, step), 0)
+        nulls = [logic.take_row(negative_rows, i) if kind == "negative" else empty
+                 for i, kind in enumerate(plan)]
+        return self.transform(cond, nulls, owners)
+
+    def prepare(self, p, uc) -> None:
+        """Encode what this pass will need before sampling starts (Forge: the text encoder is not
+        swapped in between UNet steps); the callback then finds it cached."""
+        negatives = _negatives(p)
+        plan = logic.null_plan(self.settings, negatives, len(negatives))
+        if "empty" in plan:
+            self.schedules(p, [""], False)
+        if "negative" in plan and uc is None:
+            self.schedules(p, negatives, True)
+
+    def encode(self, p, texts, is_negative: bool, step: int):
+        """This step's rows of the host's own encoding (prompt editing included)."""
+        return prompt_parser.reconstruct_cond_batch(self.schedules(p, texts, is_negative), step)
+
+    def schedules(self, p, texts, is_negative: bool):
+        """prompt_parser.get_learned_conditioning as the host calls it, once per run and pass."""
+        hr = bool(getattr(p, "is_hr_pass", False))
+        width = (getattr(p, "hr_upscale_to_x", 0) if hr else 0) or p.width
+        height = (getattr(p, "hr_upscale_to_y", 0) if hr else 0) or p.height
+        steps = getattr(p, "firstpass_steps", None) or p.steps
+        model = shared.sd_model
+        key = (tuple(texts), is_negative, width, height, steps, id(model))
+        schedules = self.encoded.get(key)
+        if schedules is None:
+            prompts = list(texts)
+            if hasattr(prompt_parser, "SdConditioning"):  # carries is_negative_prompt and size (SDXL)
+                prompts = prompt_parser.SdConditioning(prompts, is_negative_prompt=is_negative,
+                                                       width=width, height=height)
+            with devices.autocast():
+                schedules = prompt_parser.get_learned_conditioning(model, prompts, steps)
+            self.encoded[key] = schedules
+        return schedules
+
+    def fail(self, p, error: Exception) -> None:
+        self.failed = True
+        _say(p, f"[cfg-distill] {self.settings.mode} could not be applied: {error} "
+                f"The rest of this generation runs without it.")
+
+
+def _negatives(p) -> list[str]:
+    if getattr(p, "is_hr_pass", False) and getattr(p, "hr_negative_prompts", None) is not None:
+        return list(p.hr_negative_prompts)
+    return list(getattr(p, "negative_prompts", None) or [])
+
+
+def _rows_per_image(denoiser) -> list[int] | None:
+    """AND-subprompts per image, from the multicond batch the sampler was given (None if unreadable)."""
+    try:
+        return [len(entry) for entry in denoiser.sampler.sampler_extra_args["cond"].batch]
+    except (AttributeError, KeyError, TypeError):
+        return None
+
+
+def _on_cfg_denoiser(params) -> None:
+    p = getattr(getattr(params, "denoiser", None), "p", None)
+    run = getattr(p, RUN_ATTR, None)
+    if run is None or run.failed:
+        return
+    try:
+        params.text_cond = run.apply(params)
+    except Exception as e:  # the host would only log it, every step; say it once, clearly
+        run.fail(p, e)
+
+
+def _on_script_unloaded() -> None:
+    _restore_skip()  # "Reload UI" drops this module's state: never leave our value behind
+
+
+# Registered once, at import (the webui clears callbacks before it re-imports scripts).
+script_callbacks.on_cfg_denoiser(_on_cfg_denoiser)
+script_callbacks.on_script_unloaded(_on_script_unloaded)
+
+
+# ---------------------------------------------------------------------------------------------
+# The script
+
+class CfgDistillScript(scripts.Script):
+    _cfg_slider = None
+
+    def title(self):
+        return TITLE
+
+    def show(self, is_img2img):
+        return scripts.AlwaysVisible
+
+    def after_component(self, component, **kwargs):
+        # The tab's CFG slider, to warn in the accordion when it is not 1.
+        tab = "img2img" if self.is_img2img else "txt2img"
+        if kwargs.get("elem_id") == f"{tab}_cfg_scale":
+            self._cfg_slider = component
+
+    def ui(self, is_img2img):
+        import gradio as gr  # imported here: only the UI needs gradio (the hooks are tested without it)
+
+        tab = "img2img" if is_img2img else "txt2img"
+        names = STORE.names()
+        with gr.Accordion(TITLE, open=False, elem_id=f"{tab}_cfg_distill"):
+            gr.Markdown("One model pass per step: set **CFG scale to 1**. DICE rewrites the prompt's "
+                        "tokens with a small trained refiner; TeEFusion folds the guidance into the "
+                        "embedding, e + w (e - e_negative).")
+            mode = gr.Radio(list(logic.MODES), value=logic.MODE_OFF, label="Mode", elem_id=f"{tab}_cfg_distill_mode")
+            with gr.Column(visible=False) as dice_box:
+                with gr.Row():
+                    refiner = gr.Dropdown(names, value=names[0] if names else None, label="DICE refiner",
+                                          elem_id=f"{tab}_cfg_distill_refiner")
+                    refresh = gr.Button("\U0001f504", elem_classes=["tool"], elem_id=f"{tab}_cfg_distill_refresh")
+                details = gr.Markdown(_describe(names[0]) if names else _no_refiner_text())
+                strength = gr.Slider(0.0, 2.0, step=0.05, value=logic.DEFAULT_STRENGTH, label="Strength (alpha)",
+                                     elem_id=f"{tab}_cfg_distill_strength")
+                negative = gr.Checkbox(value=logic.DEFAULT_NEGATIVE_AS_NULL,
+                                       label='Use the negative prompt as the refiner\'s null input '
+                                             '(untrained, zero-shot; off or empty: the empty prompt "")',
+                                       elem_id=f"{tab}_cfg_distill_negative")
+            with gr.Column(visible=False) as tee_box:
+                w = gr.Slider(0.0, 15.0, step=0.1, value=logic.DEFAULT_W, label="TeEFusion w",
+                              elem_id=f"{tab}_cfg_distill_w")
+            warning = gr.Markdown("", visible=False)
+
+        def on_mode(mode_value, *cfg):
+            return (gr.update(visible=mode_value == logic.MODE_DICE),
+                    gr.update(visible=mode_value == logic.MODE_TEEFUSION),
+                    _warning_update(gr, mode_value, cfg[0] if cfg else None))
+
+        cfg_inputs = [self._cfg_slider] if self._cfg_slider is not None else []
+        mode.change(on_mode, inputs=[mode, *cfg_inputs], outputs=[dice_box, tee_box, warning])
+        if cfg_inputs:
+            self._cfg_slider.change(lambda m, c: _warning_update(gr, m, c), inputs=[mode, *cfg_inputs],
+                                    outputs=[warning])
+        refresh.click(lambda current: _refresh_update(gr, current), inputs=[refiner], outputs=[refiner])
+        refiner.change(lambda name: gr.update(value=_describe(name)), inputs=[refiner], outputs=[details])
+
+        for component in (mode, refiner, strength, negative, w):
+            component.do_not_save_to_config = True  # the refiner list changes; settings come from infotext
+        self.infotext_fields = [
+            (mode, lambda d: logic.parse_infotext(d)["mode"]),  # no key: made with cfg-distill off
+            (refiner, _paste_refiner),
+            (strength, _paste(logic.INFO_STRENGTH, "strength")),
+            (negative, _paste(logic.INFO_NEGATIVE, "negative_as_null")),
+            (w, _paste(logic.INFO_W, "w")),
+        ]
+        self.paste_field_names = list(logic.INFOTEXT_KEYS)
+        return [mode, refiner, strength, negative, w]
+
+    def before_process(self, p, *args):
+        _restore_skip()  # a previous run that failed: its p may still be alive
+
+    def process(self, p, mode=None, refiner=None, strength=None, negative_as_null=None, w=None, *rest):
+        _restore_skip()  # hosts without before_process
+        setattr(p, RUN_ATTR, None)  # stale state from an earlier run of this p never applies
+        try:
+            settings = logic.Settings.from_ui(mode, refiner, strength, negative_as_null, w)
+        except ValueError as e:
+            _say(p, f"[cfg-distill] {e}")
+            return
+        if not settings.active:
+            return
+        forge = _host_is_forge()
+        try:
+            transform, refiner_hash = _prepare(p, settings)
+        except (ConditioningError, RefinerFileError, ValueError, OSError) as e:
+            _say(p, f"[cfg-distill] {e} This image is generated without {settings.mode}.")
+            return
+
+        run = _Run(settings, transform)
+        setattr(p, RUN_ATTR, run)
+        p.extra_generation_params.update(logic.infotext_params(settings, refiner_hash))
+
+        hr_cfg = getattr(p, "hr_cfg", None) if forge and getattr(p, "enable_hr", False) else None
+        warning = logic.cfg_warning(settings.mode, p.cfg_scale, hr_cfg)
+        if warning:
+            _say(p, warning)
+        elif not forge:
+            run.skip_token = _skip_negative_pass(p)
+
+    def process_before_every_sampling(self, p, *args, **kwargs):
+        # Forge (and newer A1111) call this before each pass, the hires pass included.
+        run = getattr(p, RUN_ATTR, None)
+        if run is not None and not run.failed:
+            try:
+                run.prepare(p, kwargs.get("uc"))
+            except Exception as e:
+                run.fail(p, e)
+
+    def postprocess_batch(self, p, *args, **kwargs):
+        # The host writes "Skip Early CFG: 1" into the infotext for our override; pasted back it
+        # would become a user override that outlives cfg-distill. Our own keys say what was done.
+        run = getattr(p, RUN_ATTR, None)
+        if run is not None and run.skip_token is not None and SKIP.overrode(run.skip_token):
+            if p.extra_generation_params.get(HOST_SKIP_INFOTEXT) == SKIP.value:
+                del p.extra_generation_params[HOST_SKIP_INFOTEXT]
+
+    def postprocess(self, p, processed, *args):
+        run = getattr(p, RUN_ATTR, None)
+        setattr(p, RUN_ATTR, None)
+        if run is not None or SKIP.active:
+            _restore_skip()
+
+
+# ---------------------------------------------------------------------------------------------
+# UI helpers (plain functions: the gradio events call them, the tests too)
+
+def _no_refiner_text() -> str:
+    return f"No refiner found in `{STORE.folder()}`: put DICE refiner .safetensors files there and refresh."
+
+
+def _describe(name) -> str:
+    if not name:
+        return _no_refiner_text()
+    try:
+        return f"{logic.display_name(name)}: {STORE.info(name).summary()}"
+    except (RefinerFileError, ValueError, OSError) as e:
+        return f"Cannot use {name}: {e}"
+
+
+def _refresh_update(gr, current):
+    names = STORE.names()
+    value = current if current in names else (names[0] if names else None)
+    return gr.update(choices=names, value=value)
+
+
+def _warning_update(gr, mode, cfg_scale):
+    text = logic.cfg_warning(mode, cfg_scale)
+    return gr.update(value=f"**{text}**" if text else "", visible=bool(text))
+
+
+def _paste(key: str, field: str):
+    """Paste-field reader: the parsed value when the infotext has the key, else leave the field."""
+    return lambda params: logic.parse_infotext(params)[field] if key in params else None
+
+
+def _paste_refiner(params):
+    found = logic.parse_infotext(params)
+    if not found["refiner"] and not found["refiner_hash"]:
+        return None
+    return logic.resolve_refiner(found["refiner"], found["refiner_hash"], STORE.names(), STORE.short_hash)
+
+
+def _prepare(p, settings: logic.Settings):
+    """Load and check what the run needs; raises with a message that says what to do."""
+    if settings.mode != logic.MODE_DICE:
+        return logic.CondTransform(settings), ""
+    if not settings.refiner:
+        raise ConditioningError(
+            f"DICE is on but no refiner is selected: put a refiner .safetensors into "
+            f"{STORE.folder()} and pick it (the refresh button rescans the folder).")
+    loaded = STORE.load(settings.refiner)
+    model = getattr(p, "sd_model", None) or shared.sd_model
+    model_dim = logic.model_token_dim(is_sd1=bool(getattr(model, "is_sd1", False)),
+                                      is_sd2=bool(getattr(model, "is_sd2", False)),
+                                      is_sdxl=bool(getattr(model, "is_sdxl", False)))
+    logic.check_refiner_for_model(loaded.info, settings.refiner, model_dim)
+    return logic.CondTransform(settings, loaded), STORE.short_hash(settings.refiner)
+
+
+def _skip_negative_pass(p):
+    """A1111 at CFG 1: one model pass per step via opts.skip_early_cond = 1.0, for this run only.
+    Returns the override's token (None when this webui has no such option)."""
+    if SKIP_KEY not in getattr(shared.opts, "data_labels", {SKIP_KEY: None}):
+        print("[cfg-distill] this webui has no 'skip_early_cond' option (A1111 v1.10+): it runs the "
+              "negative pass even at CFG 1, so the result is right but there is no speed-up.")
+        return None
+    token = object()
+    SKIP.apply(shared.opts.data, token)
+    # Safety net for a generation that fails before postprocess: restore when p is released.
+    try:
+        weakref.finalize(p, _restore_skip, token)
+    except TypeError:  # a p without weak references: the next run's restore still applies
+        pass
+    return token
+
+
+# Training tab seam: a later scripts/cfg_distill_train_tab.py registers
+# script_callbacks.on_ui_tabs (Forge has no Train tab) and writes refiners with
+# cfg_distill.save_refiner into refiner_folder(); the refresh button above then lists them.

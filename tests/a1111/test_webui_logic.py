@@ -1,0 +1,219 @@
+"""cfg_distill.webui_logic on its own: no webui, no stand-ins."""
+import os
+
+import pytest
+import torch
+
+from cfg_distill import ConditioningError, DiceRefiner, LoadedRefiner, RefinerInfo, fuse_tokens, refine_tokens
+from cfg_distill import webui_logic as logic
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    torch.manual_seed(3)
+    return LoadedRefiner(DiceRefiner(32, inner_dim=16, heads=4).eval(), RefinerInfo(32, 16, heads=4, base_family="other"))
+
+
+def settings(mode, **kw):
+    return logic.Settings(mode=mode, refiner="r.safetensors", **kw)
+
+
+# -- skip_early_cond state machine ------------------------------------------------------------
+
+def test_override_restores_the_users_value_or_absence():
+    o, data = logic.OptionOverride("skip_early_cond", 1.0), {"skip_early_cond": 0.3}
+    t = object()
+    o.apply(data, t)
+    assert data["skip_early_cond"] == 1.0 and o.active and o.overrode(t)
+    assert o.restore(data, t) and data["skip_early_cond"] == 0.3 and not o.active
+    assert not o.restore(data), "idempotent"
+
+    data = {}
+    o.apply(data, t)
+    o.restore(data)
+    assert data == {}
+
+
+def test_override_ignores_a_late_safety_net_of_an_older_run():
+    o, data = logic.OptionOverride("k", 1.0), {"k": 0.5}
+    old, new = object(), object()
+    o.apply(data, old)
+    o.apply(data, new)  # the old run never restored: apply puts the user's value back first
+    assert not o.restore(data, old), "the old run's finaliser must not end the new run's override"
+    assert data["k"] == 1.0
+    o.restore(data, new)
+    assert data["k"] == 0.5, "the user's value, not ours, was saved"
+
+
+def test_override_leaves_a_value_someone_else_set_meanwhile():
+    o, data = logic.OptionOverride("k", 1.0), {"k": 0.5}
+    o.apply(data, object())
+    data["k"] = 0.7  # the settings page or another script
+    o.restore(data)
+    assert data["k"] == 0.7 and not o.active
+
+
+def test_override_of_a_value_the_user_already_had_is_not_reported_as_ours():
+    o, data = logic.OptionOverride("k", 1.0), {"k": 1.0}
+    t = object()
+    o.apply(data, t)
+    assert not o.overrode(t)
+
+
+# -- rows, nulls, warnings --------------------------------------------------------------------
+
+def test_image_of_rows():
+    assert logic.image_of_rows(5, 2, [2, 3]) == [0, 0, 1, 1, 1]
+    assert logic.image_of_rows(3, 3) == [0, 1, 2]
+    assert logic.image_of_rows(3, 1) == [0, 0, 0]
+    assert logic.image_of_rows(5, 2) is None
+    assert logic.image_of_rows(5, 2, [2, 2]) is None, "a multicond batch that does not add up is not trusted"
+
+
+def test_null_plan():
+    dice_neg = settings(logic.MODE_DICE, negative_as_null=True)
+    assert logic.null_plan(dice_neg, ["blurry", "", "  "], 3) == ["negative", "empty", "empty"]
+    assert logic.null_plan(settings(logic.MODE_DICE, negative_as_null=False), ["blurry"], 1) == ["empty"]
+    assert logic.null_plan(settings(logic.MODE_TEEFUSION), ["", "x"], 2) == ["negative", "negative"]
+    assert logic.null_plan(dice_neg, None, 2) == ["negative", "negative"]
+
+
+def test_cfg_warning():
+    assert logic.cfg_warning(logic.MODE_DICE, 1.0) is None
+    assert logic.cfg_warning(logic.MODE_OFF, 7.0) is None
+    text = logic.cfg_warning(logic.MODE_TEEFUSION, 7.5)
+    assert "CFG scale is 7.5" in text and "still applied" in text and "Set CFG scale to 1" in text
+    assert "Hires CFG scale is 3" in logic.cfg_warning(logic.MODE_DICE, 1.0, 3.0)
+
+
+def test_settings_from_ui():
+    s = logic.Settings.from_ui("DICE", "a.safetensors", 0.5, False, 2)
+    assert (s.mode, s.strength, s.negative_as_null, s.w, s.active) == ("DICE", 0.5, False, 2.0, True)
+    assert not logic.Settings.from_ui(None, None, None, None, None).active
+    with pytest.raises(ValueError, match="unknown cfg-distill mode"):
+        logic.Settings.from_ui("CFG++", None, 1, True, 1)
+
+
+# -- infotext ---------------------------------------------------------------------------------
+
+def test_infotext_params_and_parse():
+    s = logic.Settings(logic.MODE_DICE, "sub/my-ref.safetensors", 0.8, False, 3.0)
+    info = logic.infotext_params(s, "abcdef1234")
+    assert info == {"CFG distill": "DICE", "DICE refiner": "my-ref", "DICE refiner hash": "abcdef1234",
+                    "DICE strength": 0.8, "DICE negative as null": False}
+    parsed = logic.parse_infotext({k: str(v) for k, v in info.items()})
+    assert parsed == {"mode": "DICE", "refiner": "my-ref", "refiner_hash": "abcdef1234", "strength": 0.8,
+                      "negative_as_null": False, "w": logic.DEFAULT_W}
+    tee = logic.infotext_params(logic.Settings(logic.MODE_TEEFUSION, w=2.0))
+    assert tee == {"CFG distill": "TeEFusion", "TeEFusion w": 2.0}
+    assert logic.infotext_params(logic.Settings()) == {}
+    assert logic.parse_infotext({"CFG distill": "bogus"})["mode"] == logic.MODE_OFF
+
+
+def test_resolve_refiner():
+    names = ["a.safetensors", "sub/b.safetensors"]
+    hashes = {"a.safetensors": "111", "sub/b.safetensors": "222"}
+    assert logic.resolve_refiner("b", "", names) == "sub/b.safetensors"
+    assert logic.resolve_refiner("renamed", "111", names, hashes.__getitem__) == "a.safetensors"
+    assert logic.resolve_refiner("zzz", "999", names, hashes.__getitem__) is None
+
+
+# -- the conditioning transform ---------------------------------------------------------------
+
+def test_tensor_cond_refined_exactly_and_cached(loaded):
+    t = logic.CondTransform(settings(logic.MODE_DICE, strength=0.7), loaded)
+    c, uc = torch.randn(2, 7, 32), torch.randn(1, 5, 32)
+    out = t(c, [uc, uc.clone()], [0, 1])
+    assert torch.equal(out, refine_tokens(loaded, c, uc, 0.7))
+    again = t(c.clone(), [uc.clone(), uc.clone()], [0, 1])
+    assert torch.equal(again, out) and again is not out and t.computed == 1
+    t(c + 1, [uc, uc], [0, 1])
+    assert t.computed == 2
+
+
+def test_dict_cond_keeps_class_and_other_keys_and_does_not_touch_the_hosts_dict(loaded):
+    class DictWithShape(dict):
+        def __init__(self, x, shape=None):
+            super().__init__()
+            self.update(x)
+
+        @property
+        def shape(self):
+            return self["crossattn"].shape
+
+    c = DictWithShape({"crossattn": torch.randn(1, 7, 32), "vector": torch.randn(1, 2816), "guidance": torch.ones(1)})
+    before = {k: v.clone() for k, v in c.items()}
+    null = {"crossattn": torch.randn(1, 7, 32), "vector": torch.randn(1, 2816)}
+    out = logic.CondTransform(settings(logic.MODE_DICE), loaded)(c, [null], [0])
+    assert type(out) is DictWithShape and out is not c and out.shape == (1, 7, 32)
+    assert torch.equal(out["crossattn"], refine_tokens(loaded, c["crossattn"], null["crossattn"], 1.0))
+    assert out["vector"] is c["vector"] and out["guidance"] is c["guidance"]
+    assert all(torch.equal(c[k], before[k]) for k in before)
+
+
+def test_teefusion_on_dicts_fuses_pooled_only():
+    c = {"crossattn": torch.randn(2, 7, 16), "vector": torch.randn(2, 2816)}
+    null = {"crossattn": torch.randn(1, 14, 16), "vector": torch.randn(1, 2816)}
+    out = logic.CondTransform(settings(logic.MODE_TEEFUSION, w=2.0))(c, [null, null], [0, 0])
+    assert torch.equal(out["crossattn"], fuse_tokens(c["crossattn"], null["crossattn"], 2.0))
+    assert out["crossattn"].shape[1] == 14
+    assert torch.equal(out["vector"][:, :1280], fuse_tokens(c["vector"][:, :1280], null["vector"][:, :1280], 2.0))
+    assert torch.equal(out["vector"][:, 1280:], c["vector"][:, 1280:])
+
+
+def test_groups_of_different_lengths_are_tiled_to_a_common_length():
+    c = torch.randn(2, 7, 16)
+    short, long = torch.randn(1, 7, 16), torch.randn(1, 14, 16)
+    out = logic.CondTransform(settings(logic.MODE_TEEFUSION, w=1.0))(c, [short, long], [0, 1])
+    assert out.shape == (2, 14, 16)
+    assert torch.equal(out[0], fuse_tokens(c[:1], short, 1.0).repeat(1, 2, 1)[0])
+    assert torch.equal(out[1], fuse_tokens(c[1:], long, 1.0)[0])
+
+
+def test_unknown_row_owners_with_different_negatives_is_a_clear_error(loaded):
+    t = logic.CondTransform(settings(logic.MODE_DICE), loaded)
+    c = torch.randn(5, 7, 32)
+    with pytest.raises(ConditioningError, match="Use the same negative prompt"):
+        t(c, [torch.randn(1, 7, 32), torch.randn(1, 7, 32)], None)
+    same = torch.randn(1, 7, 32)
+    assert t(c, [same, same.clone()], None).shape == c.shape
+
+
+def test_wrong_width_is_the_cores_clear_error(loaded):
+    t = logic.CondTransform(settings(logic.MODE_DICE), loaded)
+    with pytest.raises(ConditioningError, match="expects 32-d"):
+        t(torch.randn(1, 7, 768), [torch.randn(1, 7, 768)], [0])
+
+
+def test_model_family_check():
+    logic.check_refiner_for_model(RefinerInfo(768, 512, base_family="sd15"), "x", 768)
+    logic.check_refiner_for_model(RefinerInfo(1280, 512, base_family="other"), "x", 2048)  # SDXL refiner model
+    logic.check_refiner_for_model(RefinerInfo(768, 512, base_family="sd15"), "x", None)
+    with pytest.raises(ConditioningError, match="2048-d"):
+        logic.check_refiner_for_model(RefinerInfo(2048, 512, base_family="sdxl"), "x.safetensors",
+                                      logic.model_token_dim(is_sd1=True))
+    assert logic.model_token_dim(is_sdxl=True) == 2048 and logic.model_token_dim() is None
+
+
+# -- the refiner folder -----------------------------------------------------------------------
+
+def test_store_lists_loads_once_and_stays_inside(tmp_path):
+    from cfg_distill import save_refiner
+
+    user, bundled = tmp_path / "user", tmp_path / "bundled"
+    (user / "sub").mkdir(parents=True)
+    bundled.mkdir()
+    torch.manual_seed(0)
+    save_refiner(str(user / "sub" / "a.safetensors"), DiceRefiner(32, 16, 4), RefinerInfo(32, 16, 4))
+    save_refiner(str(bundled / "b.safetensors"), DiceRefiner(32, 16, 4), RefinerInfo(32, 16, 4))
+    (user / "c.pkl").write_bytes(b"\x80\x04")
+    store = logic.RefinerStore(lambda: [str(user), str(bundled), str(tmp_path / "missing")])
+    assert store.names() == ["b.safetensors", "sub/a.safetensors"]
+    first = store.load("sub/a.safetensors")
+    assert store.load("sub/a.safetensors") is first and first.name == "a"
+    assert store.path("b.safetensors") == str(bundled / "b.safetensors")
+    assert len(store.short_hash("b.safetensors")) == 10
+    with pytest.raises(ValueError, match="outside"):
+        store.path("../../etc/passwd")
+    os.utime(user / "sub" / "a.safetensors", ns=(1, 1))
+    assert store.load("sub/a.safetensors") is not first, "a changed file is loaded again"

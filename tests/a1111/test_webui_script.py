@@ -1,0 +1,428 @@
+"""The A1111 / Forge script against the webui stand-ins: what the model sees each step, AND rows,
+Forge's missing negative at CFG 1, skip_early_cond restore paths, infotext, warnings."""
+import gc
+
+import pytest
+import torch
+
+from cfg_distill import fuse_tokens, load_refiner, refine_tokens
+from cfg_distill import webui_logic as logic
+from fake_models import FakeSD1, FakeSDXL
+
+SD15 = "sd15-test.safetensors"
+SDXL = "sub/sdxl-test.safetensors"
+
+
+def dice(refiner=SD15, strength=1.0, negative=True):
+    return [logic.MODE_DICE, refiner, strength, negative, 1.0]
+
+
+def tee(w=2.0):
+    return [logic.MODE_TEEFUSION, None, 1.0, True, w]
+
+
+OFF = [logic.MODE_OFF, None, 1.0, True, 1.0]
+
+
+def generate(env, args, kind="txt2img", **kwargs):
+    script = env.script_module.CfgDistillScript()
+    runner = env.scripts.ScriptRunner([script])
+    cls = {"txt2img": env.processing.StableDiffusionProcessingTxt2Img,
+           "img2img": env.processing.StableDiffusionProcessingImg2Img}[kind]
+    p = cls(scripts=runner, script_args=list(args), **kwargs)
+    processed = env.txt2img.txt2img_function(p)
+    return p, processed
+
+
+def refiner(refiners_dir, name):
+    return load_refiner(str(refiners_dir / name))
+
+
+def neg(model, text):
+    """How the host encodes a negative prompt (batch of one)."""
+    from modules.prompt_parser import SdConditioning
+    return model.get_learned_conditioning(SdConditioning([text], is_negative_prompt=True, width=64, height=64))
+
+
+def pos(model, text, width=64, height=64):
+    from modules.prompt_parser import SdConditioning
+    return model.get_learned_conditioning(SdConditioning([text], width=width, height=height))
+
+
+# ---------------------------------------------------------------------------------------------
+# What the model sees
+
+def test_sd1_dice_refines_exactly_as_the_core_one_pass_per_step(make_webui, refiners_dir):
+    model = FakeSD1()
+    env = make_webui("a1111", model)
+    p, processed = generate(env, dice(strength=0.8), prompt="a red fox", negative_prompt="", steps=4)
+
+    c, empty = pos(model, "a red fox"), pos(model, "")
+    expected = refine_tokens(refiner(refiners_dir, SD15), c, empty, 0.8)
+    calls = model.inner_model.calls
+    assert len(calls) == 4, "one model call per step"
+    for call in calls:
+        assert call["rows"] == 1, "the negative pass is skipped at CFG 1 (skip_early_cond)"
+        assert torch.equal(call["tokens"], expected)
+    assert not env.errors.reported
+
+
+def test_sd1_dice_uses_the_negative_prompt_when_asked(make_webui, refiners_dir):
+    model = FakeSD1()
+    env = make_webui("a1111", model)
+    loaded = refiner(refiners_dir, SD15)
+
+    generate(env, dice(negative=True), prompt="a red fox", negative_prompt="blurry", steps=2)
+    with_negative = refine_tokens(loaded, pos(model, "a red fox"), neg(model, "blurry"), 1.0)
+    assert all(torch.equal(call["tokens"], with_negative) for call in model.inner_model.calls)
+
+    model.inner_model.calls.clear()
+    generate(env, dice(negative=False), prompt="a red fox", negative_prompt="blurry", steps=2)
+    with_empty = refine_tokens(loaded, pos(model, "a red fox"), pos(model, ""), 1.0)
+    assert all(torch.equal(call["tokens"], with_empty) for call in model.inner_model.calls)
+
+
+def test_sdxl_dice_refines_crossattn_only_and_uses_a_real_empty_encoding(make_webui, refiners_dir):
+    model = FakeSDXL()
+    env = make_webui("a1111", model)
+    p, _ = generate(env, dice(SDXL), prompt="a castle", negative_prompt="", steps=3)
+
+    c = pos(model, "a castle")
+    # The host zeroes an empty SDXL negative; DICE was trained on the real encoding of "".
+    expected = refine_tokens(refiner(refiners_dir, SDXL), c["crossattn"], pos(model, "")["crossattn"], 1.0)
+    for call in model.inner_model.calls:
+        assert call["rows"] == 1
+        assert torch.equal(call["tokens"], expected)
+        assert torch.equal(call["vector"], c["vector"]), "pooled and size embeddings untouched"
+    assert not env.errors.reported  # the denoiser read .shape of the dict we returned
+
+
+def test_sdxl_teefusion_fuses_tokens_and_pooled_but_not_size_embeddings(make_webui):
+    model = FakeSDXL()
+    env = make_webui("a1111", model)
+    generate(env, tee(w=3.0), prompt="a castle", negative_prompt="fog", steps=2)
+
+    c, n = pos(model, "a castle"), neg(model, "fog")
+    tokens = fuse_tokens(c["crossattn"], n["crossattn"], 3.0)
+    pooled = fuse_tokens(c["vector"][:, :1280], n["vector"][:, :1280], 3.0)
+    for call in model.inner_model.calls:
+        assert torch.equal(call["tokens"], tokens)
+        assert torch.equal(call["vector"][:, :1280], pooled)
+        assert torch.equal(call["vector"][:, 1280:], c["vector"][:, 1280:])
+
+
+def test_and_rows_are_refined_with_their_own_images_negative(make_webui, refiners_dir):
+    model = FakeSD1()
+    env = make_webui("a1111", model)
+    prompts = ["a cat AND a hat:0.5", "a dog AND a ball AND grass"]
+    generate(env, dice(), prompt=prompts, negative_prompt=["blurry", "dark"], batch_size=2, steps=2)
+
+    loaded = refiner(refiners_dir, SD15)
+    # the host keeps the space after "AND" in the subprompt's text
+    rows = [pos(model, t) for t in ("a cat", " a hat", "a dog", " a ball", " grass")]
+    image0 = refine_tokens(loaded, torch.cat(rows[:2]), neg(model, "blurry"), 1.0)
+    image1 = refine_tokens(loaded, torch.cat(rows[2:]), neg(model, "dark"), 1.0)
+    expected = torch.cat([image0, image1])
+    for call in model.inner_model.calls:
+        assert call["rows"] == 5, "one row per AND-subprompt, no negative rows"
+        assert torch.equal(call["tokens"], expected)
+
+
+def test_and_rows_with_a_shared_negative_are_refined_in_one_call(make_webui, refiners_dir):
+    model = FakeSD1()
+    env = make_webui("a1111", model)
+    generate(env, dice(), prompt="a cat AND a hat", negative_prompt="blurry", batch_size=2, steps=1)
+    rows = torch.cat([pos(model, "a cat"), pos(model, " a hat")] * 2)
+    expected = refine_tokens(refiner(refiners_dir, SD15), rows, neg(model, "blurry"), 1.0)
+    assert torch.equal(model.inner_model.calls[0]["tokens"], expected)
+
+
+def test_prompt_editing_refines_each_steps_conditioning(make_webui, refiners_dir):
+    model = FakeSD1()
+    env = make_webui("a1111", model)
+    p, _ = generate(env, dice(), prompt="a [cat:dog:2] on grass", negative_prompt="", steps=4)
+
+    loaded, empty = refiner(refiners_dir, SD15), pos(model, "")
+    before = refine_tokens(loaded, pos(model, "a cat on grass"), empty, 1.0)
+    after = refine_tokens(loaded, pos(model, "a dog on grass"), empty, 1.0)
+    seen = [call["tokens"] for call in model.inner_model.calls]
+    assert [torch.equal(s, before) for s in seen] == [True, True, True, False]
+    assert torch.equal(seen[3], after)
+
+
+def test_hires_fix_pass_is_refined_too(make_webui, refiners_dir):
+    model = FakeSD1()
+    env = make_webui("a1111", model)
+    generate(env, dice(), prompt="a red fox", negative_prompt="", steps=2, enable_hr=True, hr_second_pass_steps=3)
+    expected = refine_tokens(refiner(refiners_dir, SD15), pos(model, "a red fox"), pos(model, ""), 1.0)
+    calls = model.inner_model.calls
+    assert len(calls) == 5 and all(c["rows"] == 1 for c in calls)
+    assert all(torch.equal(c["tokens"], expected) for c in calls)
+
+
+def test_img2img_is_refined(make_webui, refiners_dir):
+    model = FakeSD1()
+    env = make_webui("a1111", model)
+    generate(env, dice(), kind="img2img", prompt="a red fox", negative_prompt="", steps=4,
+             init_latent=torch.zeros(1, 4, 8, 8), denoising_strength=0.5)
+    expected = refine_tokens(refiner(refiners_dir, SD15), pos(model, "a red fox"), pos(model, ""), 1.0)
+    assert len(model.inner_model.calls) == 2
+    assert all(torch.equal(c["tokens"], expected) for c in model.inner_model.calls)
+
+
+def test_the_hosts_cond_caches_are_never_modified(make_webui):
+    model = FakeSD1()
+    env = make_webui("a1111", model)
+    p, _ = generate(env, dice(), prompt="a red fox", negative_prompt="blurry", steps=2)
+    cached_c = env.processing.StableDiffusionProcessing.cached_c[1]
+    cached_uc = env.processing.StableDiffusionProcessing.cached_uc[1]
+    assert torch.equal(cached_c.batch[0][0].schedules[0].cond, pos(model, "a red fox")[0])
+    assert torch.equal(cached_uc[0][0].cond, neg(model, "blurry")[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# Forge: the negative is never encoded at CFG 1
+
+def test_forge_teefusion_encodes_the_negative_itself_at_cfg_1(make_webui):
+    model = FakeSD1()
+    env = make_webui("forge", model)
+    seen_uncond = []
+    env.script_callbacks.on_cfg_denoiser(lambda params: seen_uncond.append(params.text_uncond))
+    generate(env, tee(w=2.0), prompt="a red fox", negative_prompt="ugly", steps=3)
+
+    assert seen_uncond == [None, None, None], "Forge gives no negative at CFG 1"
+    assert (("ugly",), True) in model.encode_calls, "encoded by the script as a negative prompt"
+    assert model.events.index(("encode", ("ugly",), True)) < model.events.index("unet"), \
+        "encoded before sampling starts (process_before_every_sampling), not between UNet steps"
+    expected = fuse_tokens(pos(model, "a red fox"), neg(model, "ugly"), 2.0)
+    calls = model.inner_model.calls
+    assert len(calls) == 3 and all(c["rows"] == 1 for c in calls), "Forge skips the pass by itself"
+    assert all(torch.equal(c["tokens"], expected) for c in calls)
+    assert "skip_early_cond" not in env.shared.opts.data, "never touched on Forge"
+
+
+def test_forge_dice_with_a_negative_and_and_rows(make_webui, refiners_dir):
+    model = FakeSDXL()
+    env = make_webui("forge", model)
+    generate(env, dice(SDXL), prompt="a cat AND a hat", negative_prompt="blurry", steps=2)
+    encodings = sum(1 for texts, negative in model.encode_calls if texts == ("blurry",) and negative)
+    assert encodings == 1, "encoded once per run, not per step"
+    rows = torch.cat([pos(model, "a cat")["crossattn"], pos(model, " a hat")["crossattn"]])
+    expected = refine_tokens(refiner(refiners_dir, SDXL), rows, neg(model, "blurry")["crossattn"], 1.0)
+    assert all(torch.equal(c["tokens"], expected) for c in model.inner_model.calls)
+
+
+def test_forge_hires_pass_at_cfg_1_encodes_the_hires_negative(make_webui):
+    model = FakeSD1()
+    env = make_webui("forge", model)
+    generate(env, tee(w=1.5), prompt="a red fox", negative_prompt="ugly", steps=2,
+             enable_hr=True, hr_cfg=1.0, hr_negative_prompt="grainy")
+    calls = model.inner_model.calls
+    assert len(calls) == 4
+    hires_encode = model.events.index(("encode", ("grainy",), True))
+    assert [e for e in model.events[:hires_encode] if e == "unet"] == ["unet", "unet"], \
+        "the hires negative is encoded between the passes"
+    first = fuse_tokens(pos(model, "a red fox"), neg(model, "ugly"), 1.5)
+    second = fuse_tokens(pos(model, "a red fox"), neg(model, "grainy"), 1.5)
+    assert all(torch.equal(c["tokens"], first) for c in calls[:2])
+    assert all(torch.equal(c["tokens"], second) for c in calls[2:])
+
+
+# ---------------------------------------------------------------------------------------------
+# skip_early_cond: held at 1.0 during the run, the user's value put back on every path
+
+def test_skip_early_cond_restored_after_success(make_webui):
+    env = make_webui("a1111", FakeSD1())
+    opts = env.shared.opts
+    opts.data["skip_early_cond"] = 0.3
+    during = []
+    env.script_callbacks.on_cfg_denoiser(lambda params: during.append(opts.skip_early_cond))
+    p, processed = generate(env, dice(), prompt="a fox", steps=2)
+    assert during == [1.0, 1.0]
+    assert opts.data["skip_early_cond"] == 0.3
+
+    del opts.data["skip_early_cond"]  # a user who never touched the option
+    generate(env, dice(), prompt="a fox", steps=2)
+    assert "skip_early_cond" not in opts.data, "not written into the user's settings"
+
+
+def test_skip_early_cond_kept_out_of_the_infotext(make_webui):
+    env = make_webui("a1111", FakeSD1())
+    p, processed = generate(env, dice(), prompt="a fox", steps=2)
+    assert "Skip Early CFG" not in processed.infotexts[0]
+    assert "CFG distill: DICE" in processed.infotexts[0]
+
+
+def test_skip_early_cond_restored_after_a_failure_when_p_is_released(make_webui):
+    model = FakeSD1()
+    env = make_webui("a1111", model)
+    opts = env.shared.opts
+    opts.data["skip_early_cond"] = 0.25
+    model.inner_model.fail_at_call = 1
+    script = env.script_module.CfgDistillScript()
+    p = env.processing.StableDiffusionProcessingTxt2Img(
+        scripts=env.scripts.ScriptRunner([script]), script_args=dice(), prompt="a fox", steps=3)
+    with pytest.raises(RuntimeError, match="simulated failure"):
+        env.txt2img.txt2img_function(p)
+    assert opts.data["skip_early_cond"] == 1.0, "postprocess never ran"
+    del p
+    gc.collect()
+    assert opts.data["skip_early_cond"] == 0.25
+
+
+def test_skip_early_cond_restored_by_the_next_run_when_the_failed_p_lives_on(make_webui):
+    model = FakeSD1()
+    env = make_webui("a1111", model)
+    opts = env.shared.opts
+    opts.data["skip_early_cond"] = 0.25
+    model.inner_model.fail_at_call = 1
+    script = env.script_module.CfgDistillScript()
+    failed = env.processing.StableDiffusionProcessingTxt2Img(
+        scripts=env.scripts.ScriptRunner([script]), script_args=dice(), prompt="a fox", steps=3)
+    with pytest.raises(RuntimeError):
+        env.txt2img.txt2img_function(failed)
+
+    model.inner_model.fail_at_call = None
+    model.inner_model.calls.clear()
+    seen = []
+    env.script_callbacks.on_cfg_denoiser(lambda params: seen.append(opts.skip_early_cond))
+    # The next generation has cfg-distill off and overrides the option itself (XYZ plot style):
+    p, _ = generate(env, OFF, prompt="a fox", steps=2, cfg_scale=7.0,
+                    override_settings={"skip_early_cond": 0.5})
+    assert seen == [0.5, 0.5]
+    assert opts.data["skip_early_cond"] == 0.25, "the user's value, not ours, was saved and restored"
+    del failed
+    gc.collect()
+    assert opts.data["skip_early_cond"] == 0.25, "the old run's late safety net changes nothing"
+
+
+def test_skip_early_cond_restored_after_an_interrupt(make_webui):
+    env = make_webui("a1111", FakeSD1())
+    opts = env.shared.opts
+    opts.data["skip_early_cond"] = 0.4
+
+    def interrupt(params):
+        if params.denoiser.step == 1:
+            env.shared.state.interrupted = True  # what the Interrupt button does
+
+    env.script_callbacks.on_cfg_denoiser(interrupt)
+    p, processed = generate(env, dice(), prompt="a fox", steps=4)
+    assert len(env.shared.sd_model.inner_model.calls) == 2
+    assert opts.data["skip_early_cond"] == 0.4
+
+
+# ---------------------------------------------------------------------------------------------
+# Infotext, warnings, state
+
+def test_infotext_round_trip(make_webui, refiners_dir):
+    env = make_webui("a1111", FakeSDXL())
+    p, processed = generate(env, dice(SDXL, strength=0.75, negative=False), prompt="a castle", steps=1)
+    params = env.infotext_utils.parse_generation_parameters(processed.infotexts[0])
+    found = logic.parse_infotext(params)
+    assert found["mode"] == logic.MODE_DICE
+    assert found["refiner"] == "sdxl-test"
+    assert found["refiner_hash"] == env.script_module.STORE.short_hash(SDXL)
+    assert (found["strength"], found["negative_as_null"]) == (0.75, False)
+    assert env.script_module._paste_refiner(params) == SDXL
+
+    p, processed = generate(env, tee(w=2.5), prompt="a castle", steps=1)
+    params = env.infotext_utils.parse_generation_parameters(processed.infotexts[0])
+    assert logic.parse_infotext(params)["mode"] == logic.MODE_TEEFUSION
+    assert env.script_module._paste(logic.INFO_W, "w")(params) == 2.5
+    assert env.script_module._paste(logic.INFO_STRENGTH, "strength")(params) is None
+
+    p, processed = generate(env, OFF, prompt="a castle", steps=1)
+    params = env.infotext_utils.parse_generation_parameters(processed.infotexts[0])
+    assert logic.parse_infotext(params)["mode"] == logic.MODE_OFF
+    assert not any(k in processed.infotexts[0] for k in logic.INFOTEXT_KEYS)
+
+
+def test_renamed_refiner_is_found_by_hash(make_webui, refiners_dir):
+    env = make_webui("a1111", FakeSD1())
+    h = env.script_module.STORE.short_hash(SD15)
+    params = {logic.INFO_MODE: "DICE", logic.INFO_REFINER: "old-name", logic.INFO_REFINER_HASH: h}
+    assert env.script_module._paste_refiner(params) == SD15
+
+
+def test_cfg_not_1_warns_and_still_refines(make_webui, refiners_dir, capsys):
+    model = FakeSD1()
+    env = make_webui("a1111", model)
+    p, processed = generate(env, dice(), prompt="a red fox", negative_prompt="blurry", steps=2, cfg_scale=7.0)
+    assert "CFG scale is 7" in processed.comments
+    assert "CFG scale is 7" in capsys.readouterr().out
+    expected = refine_tokens(refiner(refiners_dir, SD15), pos(model, "a red fox"), neg(model, "blurry"), 1.0)
+    for call in model.inner_model.calls:
+        assert call["rows"] == 2, "both passes run: the user asked for CFG"
+        assert torch.equal(call["tokens"][:1], expected)
+        assert torch.equal(call["tokens"][1:], neg(model, "blurry")), "the negative is not changed"
+    assert "skip_early_cond" not in env.shared.opts.data
+
+
+def test_callback_registered_once_and_off_means_untouched(make_webui):
+    model = FakeSD1()
+    env = make_webui("a1111", model)
+    callbacks = env.script_callbacks.callback_map["callbacks_cfg_denoiser"]
+    assert callbacks == [env.script_module._on_cfg_denoiser]
+    script = env.script_module.CfgDistillScript()
+    p = env.processing.StableDiffusionProcessingTxt2Img(
+        scripts=env.scripts.ScriptRunner([script]), script_args=dice(), prompt="a fox", steps=1)
+    env.txt2img.txt2img_function(p)
+    # The same p object generated again with cfg-distill off: its old state must not apply.
+    p.script_args = OFF
+    model.inner_model.calls.clear()
+    env.txt2img.txt2img_function(p)
+    generate(env, tee(), prompt="a fox", steps=1)
+    assert callbacks == [env.script_module._on_cfg_denoiser]
+    assert torch.equal(model.inner_model.calls[0]["tokens"][:1], pos(model, "a fox"))
+
+
+def test_configuration_errors_are_shown_and_do_not_stop_generation(make_webui):
+    env = make_webui("a1111", FakeSD1())
+    p, processed = generate(env, dice(refiner=""), prompt="a fox", steps=1)
+    assert "no refiner is selected" in processed.comments
+    assert "CFG distill" not in processed.infotexts[0]
+    assert "skip_early_cond" not in env.shared.opts.data
+
+    p, processed = generate(env, dice(refiner=SDXL), prompt="a fox", steps=1)
+    assert "2048-d" in processed.comments and "768-d" in processed.comments
+    assert not env.errors.reported, "handled by the script, not dumped as a traceback by the host"
+
+
+def test_a_failure_inside_the_callback_is_reported_once(make_webui):
+    model = FakeSD1()
+    env = make_webui("a1111", model)
+    p, processed = generate(env, dice(), prompt="nan", steps=3)
+    assert processed.comments.count("could not be applied") == 1
+    assert "NaN" in processed.comments
+    assert len(model.inner_model.calls) == 3, "generation went on"
+    assert not env.errors.reported
+
+
+def test_script_unload_restores_the_option(make_webui):
+    env = make_webui("a1111", FakeSD1())
+    opts = env.shared.opts
+    opts.data["skip_early_cond"] = 0.2
+    env.script_module.SKIP.apply(opts.data, object())
+    env.script_callbacks.script_unloaded_callback()
+    assert opts.data["skip_early_cond"] == 0.2
+
+
+def test_refiner_folder_from_the_command_line_flag(make_webui, refiners_dir, tmp_path):
+    import argparse
+    import importlib.util
+    import os
+
+    spec = importlib.util.spec_from_file_location("cfg_distill_preload", os.path.join(
+        os.path.dirname(os.path.dirname(os.path.dirname(__file__))), "preload.py"))
+    preload = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(preload)
+    parser = argparse.ArgumentParser()
+    preload.preload(parser)
+    args = parser.parse_args(["--dice-refiners-dir", str(refiners_dir)])
+
+    env = make_webui("a1111", FakeSD1())
+    env.shared.cmd_opts.dice_refiners_dir = args.dice_refiners_dir
+    assert env.script_module.refiner_folder() == str(refiners_dir)
+    assert env.script_module.STORE.names() == [SD15, SDXL]
+    env.shared.cmd_opts.dice_refiners_dir = None
+    assert env.script_module.refiner_folder() == os.path.join(env.paths.models_path, "dice_refiners")

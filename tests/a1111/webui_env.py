@@ -1,0 +1,45 @@
+"""Loads the webui stand-ins as `modules.*` and the extension's script the way the webui does
+(the extension root on sys.path, the script executed from its file), fresh for every test."""
+import importlib
+import importlib.util
+import os
+import sys
+import types
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+STANDINS = os.path.join(HERE, "standins")
+FORGE_STANDINS = os.path.join(HERE, "standins_forge")
+SCRIPT_PATH = os.path.join(ROOT, "scripts", "cfg_distill_webui.py")
+MODULES = ("shared", "script_callbacks", "scripts", "processing", "prompt_parser", "errors",
+           "infotext_utils", "txt2img", "paths", "devices")
+
+
+def purge():
+    for name in list(sys.modules):
+        if name in ("modules", "modules_forge") or name.startswith("modules."):
+            del sys.modules[name]
+    for path in (STANDINS, FORGE_STANDINS):
+        while path in sys.path:
+            sys.path.remove(path)
+
+
+def load_webui(host="a1111", model=None, refiners_dir=None):
+    """Fresh stand-ins (fresh opts, state, callback registry) and a freshly executed script."""
+    purge()
+    sys.path.insert(0, STANDINS)
+    if host == "forge":
+        sys.path.insert(0, FORGE_STANDINS)
+    if ROOT not in sys.path:
+        sys.path.insert(0, ROOT)  # the webui puts the extension root on sys.path while loading
+    importlib.invalidate_caches()
+    env = types.SimpleNamespace(host=host)
+    for name in MODULES:
+        setattr(env, name, importlib.import_module(f"modules.{name}"))
+    env.shared.sd_model = model
+    env.shared.cmd_opts.dice_refiners_dir = refiners_dir
+    # scripts/*.py are executed from their file (modules.script_loading.load_module)
+    spec = importlib.util.spec_from_file_location(os.path.basename(SCRIPT_PATH), SCRIPT_PATH)
+    env.script_module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(env.script_module)
+    return env
