@@ -27,25 +27,34 @@ def _init_(module: torch.nn.Module, seed: int) -> None:
                 p.fill_(1.0)
 
 
-def _tiny_sd15_unet():
+# UNet layouts in SD1.5 checkpoint form. "tiny": the smallest that SD1.5 detection accepts (18.7M);
+# "full": the real SD1.5 UNet (859M), for benchmarks.
+SD15_UNETS = {
+    "tiny": dict(num_res_blocks=[1], channel_mult=[1], transformer_depth=[1], transformer_depth_output=[1, 1],
+                 transformer_depth_middle=-2),
+    "full": dict(num_res_blocks=[2, 2, 2, 2], channel_mult=[1, 2, 4, 4], transformer_depth=[1, 1, 1, 0],
+                 transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], transformer_depth_middle=1),
+}
+
+
+def _sd15_unet(size: str = "tiny"):
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
     import comfy.ops
 
     return UNetModel(
-        image_size=32, in_channels=4, model_channels=320, out_channels=4, num_res_blocks=[1],
-        channel_mult=[1], num_heads=8, use_spatial_transformer=True, transformer_depth=[1],
-        transformer_depth_output=[1, 1], transformer_depth_middle=-2, context_dim=768,
-        use_linear_in_transformer=False, legacy=False, operations=comfy.ops.disable_weight_init)
+        image_size=32, in_channels=4, model_channels=320, out_channels=4, num_heads=8,
+        use_spatial_transformer=True, context_dim=768, use_linear_in_transformer=False, legacy=False,
+        operations=comfy.ops.disable_weight_init, **SD15_UNETS[size])
 
 
-def tiny_sd15_state_dict(seed: int = 0, dtype=torch.float16) -> dict[str, torch.Tensor]:
+def tiny_sd15_state_dict(seed: int = 0, dtype=torch.float16, unet_size: str = "tiny") -> dict[str, torch.Tensor]:
     use_comfy_library()
     import comfy.ops
     import comfy.sd1_clip
     import comfy.taesd.taesd
 
     sd = {}
-    unet = _tiny_sd15_unet()
+    unet = _sd15_unet(unet_size)
     _init_(unet, seed)
     sd.update({f"model.diffusion_model.{k}": v for k, v in unet.state_dict().items()})
     clip = comfy.sd1_clip.SDClipModel(device="cpu", dtype=torch.float32)
@@ -63,14 +72,25 @@ def tiny_sd15_state_dict(seed: int = 0, dtype=torch.float16) -> dict[str, torch.
     return {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in sd.items()}
 
 
-def write_tiny_sd15(path: str, seed: int = 0) -> str:
+def write_tiny_sd15(path: str, seed: int = 0, unet_size: str = "tiny") -> str:
+    """unet_size "full" writes the real 859M-parameter SD1.5 UNet (random weights, ~2 GB in fp16)."""
     from safetensors.torch import save_file
 
-    save_file(tiny_sd15_state_dict(seed), path)
+    save_file(tiny_sd15_state_dict(seed, unet_size=unet_size), path)
     return path
 
 
-def build_tiny_sdxl(seed: int = 0):
+SDXL_UNETS = {
+    "tiny": dict(model_channels=64, transformer_depth=[0, 1], transformer_depth_output=[0, 0, 1, 1],
+                 transformer_depth_middle=-2, num_res_blocks=[1, 1], channel_mult=[1, 2]),
+    # The real SDXL base UNet layout (2.6B parameters), for benchmarks.
+    "full": dict(model_channels=320, transformer_depth=[0, 0, 2, 2, 10, 10],
+                 transformer_depth_output=[0, 0, 0, 2, 2, 2, 10, 10, 10], transformer_depth_middle=10,
+                 num_res_blocks=[2, 2, 2], channel_mult=[1, 2, 4]),
+}
+
+
+def build_tiny_sdxl(seed: int = 0, size: str = "tiny"):
     """An SDXL-architecture diffusion model (2048-d context, 2816-d y) wrapped as a ModelPatcher."""
     use_comfy_library()
     import comfy.model_management
@@ -78,11 +98,10 @@ def build_tiny_sdxl(seed: int = 0):
     import comfy.supported_models
 
     unet_config = {
-        "model_channels": 64, "use_linear_in_transformer": True, "transformer_depth": [0, 1],
-        "transformer_depth_output": [0, 0, 1, 1], "transformer_depth_middle": -2, "context_dim": 2048,
-        "adm_in_channels": 2816, "num_classes": "sequential", "use_temporal_attention": False, "in_channels": 4, "out_channels": 4,
-        "num_res_blocks": [1, 1], "channel_mult": [1, 2], "num_head_channels": 64, "num_heads": -1,
-        "image_size": 32, "use_spatial_transformer": True, "legacy": False,
+        "use_linear_in_transformer": True, "context_dim": 2048, "adm_in_channels": 2816,
+        "num_classes": "sequential", "use_temporal_attention": False, "in_channels": 4, "out_channels": 4,
+        "num_head_channels": 64, "num_heads": -1, "image_size": 32, "use_spatial_transformer": True,
+        "legacy": False, **SDXL_UNETS[size],
     }
     config = comfy.supported_models.SDXL(unet_config)
     config.set_inference_dtype(torch.float32, None)
