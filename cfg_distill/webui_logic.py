@@ -8,7 +8,7 @@ go wrong with tensors, infotext or the skip_early_cond option is tested here wit
 - the per-step conditioning transform for SD1/2 tensor conds and SDXL dict conds, with AND rows
   (text_cond has one row per AND-subprompt, the negative one row per image),
 - the skip_early_cond save / restore state machine,
-- the refiner folder: listing, loading once, short hashes.
+- the refiner folder (shared with the training tab): where it is, listing, loading once, short hashes.
 
 Imports only torch and the cfg_distill core (never the webui's `modules`).
 """
@@ -465,6 +465,13 @@ def check_refiner_for_model(info: RefinerInfo, name: str, model_dim: int | None)
 
 # ---------------------------------------------------------------------------------------------
 # The refiner folder
+
+def refiner_folder_for(custom_dir: str | None, models_path: str) -> str:
+    """Where refiners are listed (generation script) and written (training tab): the
+    --dice-refiners-dir flag (preload.py) or <models>/dice_refiners, the folder ComfyUI uses too."""
+    if custom_dir:
+        return os.path.abspath(os.path.expanduser(custom_dir))
+    return os.path.join(models_path, REFINER_FOLDER_NAME)
 
 class RefinerStore:
     """Lists the refiner files of one or more folders (the first is the user's, later ones e.g. the

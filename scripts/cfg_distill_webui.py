@@ -45,10 +45,7 @@ BUNDLED_FOLDER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__
 
 def refiner_folder() -> str:
     """--dice-refiners-dir (see preload.py) or models/dice_refiners: ComfyUI can share it."""
-    custom = getattr(shared.cmd_opts, "dice_refiners_dir", None)
-    if custom:
-        return os.path.abspath(os.path.expanduser(custom))
-    return os.path.join(_MODELS_PATH, logic.REFINER_FOLDER_NAME)
+    return logic.refiner_folder_for(getattr(shared.cmd_opts, "dice_refiners_dir", None), _MODELS_PATH)
 
 
 STORE = logic.RefinerStore(lambda: [refiner_folder(), BUNDLED_FOLDER])
@@ -378,6 +375,6 @@ def _skip_negative_pass(p):
     return token
 
 
-# Training tab seam: a later scripts/cfg_distill_train_tab.py registers
-# script_callbacks.on_ui_tabs (Forge has no Train tab) and writes refiners with
-# cfg_distill.save_refiner into refiner_folder(); the refresh button above then lists them.
+# Training tab: scripts/cfg_distill_train_tab.py (on_ui_tabs, Forge has no Train tab) writes refiners
+# into the same folder (logic.refiner_folder_for); the refresh button above then lists them, and
+# STORE reloads a file that training replaced (it caches by modification time and size).

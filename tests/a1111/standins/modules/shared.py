@@ -5,7 +5,11 @@
   restores keys already in opts.data (a1111.md "One pass per step at CFG 1"). Setting an option as
   an attribute goes through the same checks as the host (refused under --freeze-settings).
 - skip_early_cond: fraction of steps whose negative pass A1111 skips (v1.10+; 1.0 = all).
-- state: interrupted / skipped flags the denoiser checks each step; sampling_step(s).
+- state: interrupted / skipped flags the denoiser checks each step; sampling_step(s). Training
+  reports through job, job_count, job_no and textinfo and stops when interrupted is set (a1111.md
+  "Training from a tab"); begin() (called by wrap_gradio_gpu_call under the queue lock) clears the
+  flags and the job fields, end() clears job and job_count; interrupt() is what the Interrupt
+  buttons call.
 - cmd_opts: parsed command line, including flags extensions add in preload.py.
 - sd_model: the loaded checkpoint (tests put a fake one here).
 """
@@ -65,7 +69,11 @@ class State:
         self.skipped = False
         self.sampling_step = 0
         self.sampling_steps = 0
+        self.job = ""
         self.job_count = 0
+        self.job_no = 0
+        self.textinfo = None
+        self.begun = 0  # how many times begin() ran (tests)
 
     def interrupt(self):
         self.interrupted = True
@@ -74,11 +82,13 @@ class State:
         self.skipped = True
 
     def begin(self, job="(unknown)"):
+        self.begun += 1
         self.interrupted = self.skipped = False
         self.sampling_step = 0
+        self.job, self.job_count, self.job_no, self.textinfo = job, -1, 0, None
 
     def end(self):
-        pass
+        self.job, self.job_count = "", 0
 
 
 cmd_opts = types.SimpleNamespace(freeze_settings=False, dice_refiners_dir=None)

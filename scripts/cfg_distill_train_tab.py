@@ -1,0 +1,242 @@
+"""A1111 / Forge "DICE Training" tab: distil CFG at scale w into a DICE refiner for the loaded checkpoint.
+
+A thin layer over cfg_distill.webui_training: it reads the webui's objects and hands them to the
+core. How it fits into the webui (a1111.md "Training from a tab"):
+
+- script_callbacks.on_ui_tabs (Forge has no Train tab, so not on_ui_train_tabs);
+- the Train button goes through modules.call_queue.wrap_gradio_gpu_call: it takes the global
+  queue lock, so training never overlaps a generation, and turns an unexpected error into the
+  webui's error box;
+- progress through shared.state (job, job_count, job_no, textinfo); the Interrupt button sets
+  shared.state.interrupted, polled before every step: training stops and saves what was learned;
+- A1111: shared.sd_model.apply_model(x_t, t, cond) under devices.autocast(); Forge: the UNet patcher
+  shared.sd_model.forge_objects.unet, loaded with backend.memory_management.load_model_gpu, whose
+  model.apply_model(x, sigma, c_crossattn=, y=) is k-diffusion style. The model is frozen for the run
+  (its requires_grad flags are put back afterwards);
+- refiners are saved into the folder the generation accordion lists (--dice-refiners-dir or
+  models/dice_refiners) with the training state beside them (<name>.dice-train-state) for Resume.
+"""
+from __future__ import annotations
+
+import contextlib
+import html
+import os
+
+from cfg_distill import webui_logic as logic
+from cfg_distill import webui_training as wt
+from modules import call_queue, devices, prompt_parser, script_callbacks, shared
+
+try:
+    from modules.paths import models_path as _MODELS_PATH
+except ImportError:  # pragma: no cover - very old webuis
+    _MODELS_PATH = os.path.join(getattr(shared, "data_path", os.getcwd()), "models")
+
+TAB_TITLE = "DICE Training"
+TAB_ID = "cfg_distill_train"
+JOB = "cfg-distill-train"
+
+
+def refiner_folder() -> str:
+    """The same folder the generation script lists (scripts/cfg_distill_webui.py)."""
+    return logic.refiner_folder_for(getattr(shared.cmd_opts, "dice_refiners_dir", None), _MODELS_PATH)
+
+
+class _Progress:
+    """The running (or last) run, for the "Show progress" button."""
+
+    def __init__(self):
+        self.losses: list[float] = []
+        self.text = "No training has run yet."
+
+    def reset(self):
+        self.losses, self.text = [], "Starting..."
+
+
+PROGRESS = _Progress()
+
+
+# ---------------------------------------------------------------------------------------------
+# The webui's model -> the core's WebuiModel
+
+
+def _is_forge_model(model) -> bool:
+    return getattr(model, "forge_objects", None) is not None
+
+
+def _encoder(model, resolution: int):
+    """Prompts -> the host's cond batch, the way the webui encodes them for generation (SDXL's size
+    embeddings from the resolution; never as a negative prompt, so "" is really encoded)."""
+    def encode(texts):
+        batch = list(texts)
+        if hasattr(prompt_parser, "SdConditioning"):
+            batch = prompt_parser.SdConditioning(batch, width=resolution, height=resolution)
+        with (getattr(devices, "autocast", None) or contextlib.nullcontext)():
+            return model.get_learned_conditioning(batch)
+    return encode
+
+
+def _checkpoint(model) -> tuple[str, str]:
+    """(name, short hash) of the loaded checkpoint, from sd_checkpoint_info when the webui has it."""
+    info = getattr(model, "sd_checkpoint_info", None)
+    if info is None:
+        return "", ""
+    name = getattr(info, "name", None) or getattr(info, "title", None) or ""
+    short = getattr(info, "shorthash", None)
+    if not short and callable(getattr(info, "calculate_shorthash", None)):
+        try:
+            short = info.calculate_shorthash()
+        except Exception as e:  # an unreadable file only costs the metadata
+            print(f"[cfg-distill] could not hash the checkpoint: {e}")
+    return str(name), str(short or "")
+
+
+def _in_channels(model) -> int | None:
+    unet = getattr(getattr(model, "model", None), "diffusion_model", None)
+    return getattr(unet, "in_channels", None)
+
+
+def webui_model(model, resolution: int, checkpoint: tuple[str, str] = ("", "")) -> wt.WebuiModel:
+    encode = _encoder(model, resolution)
+    channels = int(getattr(model, "latent_channels", None) or 4)
+    in_channels = _in_channels(model)
+    if getattr(model, "is_inpaint", False) or (in_channels is not None and in_channels != channels):
+        raise wt.TrainTabError("this is an inpainting (or otherwise image-conditioned) checkpoint: DICE training "
+                               "needs a plain text-to-image checkpoint of the same family. Train on the base "
+                               "model; the refiner then also works with its inpainting variant.")
+    autocast = getattr(devices, "autocast", None) or contextlib.nullcontext
+    key = (id(model),) + tuple(checkpoint)  # the training-latent cache is per loaded checkpoint
+    if _is_forge_model(model):
+        from backend import memory_management  # Forge only
+
+        unet = model.forge_objects.unet
+        device = getattr(unet, "load_device", None) or devices.device
+        return wt.WebuiModel(
+            denoiser=wt.ForgeDenoiser(unet.model, device), encode=encode, freeze=[unet.model],
+            latent_channels=channels, load=lambda: memory_management.load_model_gpu(unet),
+            autocast=wt.training_autocast(device, getattr(unet.model, "computation_dtype", None)),
+            host_autocast=autocast, key=key)
+    device = devices.device
+    weight_dtype = getattr(devices, "dtype_unet", None) or getattr(devices, "dtype", None)
+    return wt.WebuiModel(
+        denoiser=wt.A1111Denoiser(model, device), encode=encode, freeze=[model], latent_channels=channels,
+        autocast=wt.training_autocast(device, weight_dtype), host_autocast=autocast, key=key)
+
+
+# ---------------------------------------------------------------------------------------------
+# The Train button
+
+
+def _html(text: str, error: bool = False) -> str:
+    body = "<br>".join(html.escape(line) for line in text.splitlines())
+    return f"<div class='error'>{body}</div>" if error else f"<p>{body}</p>"
+
+
+def train_from_tab(prompts, guidance_scale, steps, batch_size, lr, loss, resolution, seed, name, save_every,
+                   resume):
+    """The Train button (runs inside wrap_gradio_gpu_call): returns (loss image, status HTML)."""
+    state = shared.state
+    PROGRESS.reset()
+    state.job = JOB
+    state.job_no = 0
+    state.textinfo = "Preparing DICE training..."
+    try:
+        request = wt.TrainRequest.from_ui(prompts, guidance_scale, steps, batch_size, lr, loss, resolution, seed,
+                                          name, save_every, resume)
+        model = shared.sd_model
+        if model is None:
+            raise wt.TrainTabError("no checkpoint is loaded: pick one at the top of the page first")
+        checkpoint, short_hash = _checkpoint(model)
+        host_model = webui_model(model, request.resolution, (checkpoint, short_hash))
+    except wt.TrainTabError as e:
+        PROGRESS.text = str(e)
+        return wt.TrainOutcome(False, str(e)).image(), _html(str(e), error=True)
+    state.job_count = request.steps
+
+    def on_status(text):
+        state.textinfo = PROGRESS.text = text
+
+    def on_step(step, total, loss_value, elapsed, eta):
+        PROGRESS.losses.append(loss_value)
+        state.job_no = step
+        on_status(wt.progress_text(step, total, loss_value, eta))
+
+    print(f"[cfg-distill] training DICE refiner {request.name!r}: {request.steps} steps, batch "
+          f"{request.batch_size}, w {request.guidance_scale:g}, {len(request.prompts)} prompts")
+    outcome = wt.train_in_webui(request, host_model, folder=refiner_folder(),
+                                should_stop=lambda: bool(state.interrupted), on_step=on_step, on_status=on_status,
+                                base_checkpoint=checkpoint, base_hash=short_hash)
+    PROGRESS.losses = list(outcome.losses)
+    on_status(outcome.message)
+    print(f"[cfg-distill] {outcome.message}")
+    return outcome.image(), _html(outcome.message, error=not outcome.ok)
+
+
+def show_progress():
+    """The "Show progress" button: the loss curve so far and the latest status line."""
+    return (wt.TrainOutcome(True, "", losses=list(PROGRESS.losses)).image(), _html(PROGRESS.text))
+
+
+def interrupt():
+    shared.state.interrupt()
+
+
+# Wrapped once: the queue lock, shared.state.begin/end, and the webui's error box on the last output.
+train_click = call_queue.wrap_gradio_gpu_call(train_from_tab, extra_outputs=[None])
+
+
+# ---------------------------------------------------------------------------------------------
+# The tab
+
+
+def on_ui_tabs():
+    import gradio as gr  # only the UI needs gradio (the training path is tested without it)
+
+    n_default = len(wt.default_prompts())
+    with gr.Blocks(analytics_enabled=False) as tab:
+        gr.Markdown(
+            "Distil classifier-free guidance at scale **w** into a small DICE refiner for the **loaded "
+            "checkpoint**: only the refiner (2-3M parameters) is trained, the model stays frozen and unchanged. "
+            "Training latents come from the model itself (a few CFG sampling steps per prompt). Use the result in "
+            "txt2img / img2img: *CFG distill → DICE*, with CFG scale 1 (one model pass per step).")
+        with gr.Row():
+            with gr.Column():
+                prompts = gr.Textbox(label="Prompts (one per line)", lines=8, elem_id=f"{TAB_ID}_prompts",
+                                     placeholder=f"Empty: the bundled list of {n_default} varied prompts")
+                with gr.Row():
+                    name = gr.Textbox(label="Refiner name", value=wt.DEFAULT_NAME, elem_id=f"{TAB_ID}_name")
+                    resume = gr.Checkbox(label="Resume the saved run of this name", value=False,
+                                         elem_id=f"{TAB_ID}_resume")
+                with gr.Row():
+                    guidance = gr.Slider(1.0, 30.0, step=0.5, value=wt.DEFAULT_GUIDANCE,
+                                         label="Guidance scale w to distil (paper: 5)", elem_id=f"{TAB_ID}_w")
+                    loss = gr.Radio(["l2", "l1"], value=wt.DEFAULT_LOSS, label="Loss (paper: L1 SD1.5, L2 SDXL)",
+                                    elem_id=f"{TAB_ID}_loss")
+                with gr.Row():
+                    steps = gr.Number(value=wt.DEFAULT_STEPS, precision=0, label="Steps (with Resume: the total)",
+                                      elem_id=f"{TAB_ID}_steps")
+                    batch_size = gr.Slider(1, 64, step=1, value=wt.DEFAULT_BATCH, label="Batch size",
+                                           elem_id=f"{TAB_ID}_batch")
+                    lr = gr.Number(value=wt.DEFAULT_LR, label="Learning rate", elem_id=f"{TAB_ID}_lr")
+                with gr.Row():
+                    resolution = gr.Slider(256, 2048, step=64, value=wt.DEFAULT_RESOLUTION,
+                                           label="Resolution (SDXL: 1024)", elem_id=f"{TAB_ID}_resolution")
+                    seed = gr.Number(value=0, precision=0, label="Seed", elem_id=f"{TAB_ID}_seed")
+                    save_every = gr.Number(value=wt.DEFAULT_SAVE_EVERY, precision=0,
+                                           label="Save state every N steps (0: at the end)",
+                                           elem_id=f"{TAB_ID}_save_every")
+                with gr.Row():
+                    train = gr.Button("Train", variant="primary", elem_id=f"{TAB_ID}_train")
+                    stop = gr.Button("Interrupt (saves what was learned)", elem_id=f"{TAB_ID}_interrupt")
+                    check = gr.Button("Show progress", elem_id=f"{TAB_ID}_progress")
+            with gr.Column():
+                plot = gr.Image(label="Loss", type="numpy", interactive=False, elem_id=f"{TAB_ID}_plot")
+                status = gr.HTML(f"<p>Refiners are saved to {html.escape(refiner_folder())}</p>",
+                                 elem_id=f"{TAB_ID}_status")
+        inputs = [prompts, guidance, steps, batch_size, lr, loss, resolution, seed, name, save_every, resume]
+        train.click(train_click, inputs=inputs, outputs=[plot, status])
+        stop.click(interrupt, inputs=[], outputs=[])
+        check.click(show_progress, inputs=[], outputs=[plot, status])
+    return [(tab, TAB_TITLE, TAB_ID)]
+
+
+script_callbacks.on_ui_tabs(on_ui_tabs)

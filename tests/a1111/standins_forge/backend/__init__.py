@@ -1,0 +1,1 @@
+"""Stand-in of Forge's `backend` package (tests only; a1111.md "Training from a tab")."""
