@@ -68,11 +68,17 @@ if [ ! -f "$STAMP" ]; then
 fi
 
 if [ "${WITH_BROWSER:-0}" = "1" ]; then
-  if ! command -v chromium >/dev/null 2>&1; then
+  # Browser tests (tests/test_browser.py) drive the real frontend with Debian's chromium through the
+  # Python playwright client (from test-requirements.txt). Never run `playwright install`: no
+  # browser downloads; the tests launch /usr/bin/chromium (CFG_DISTILL_CHROMIUM overrides).
+  if [ ! -x /usr/bin/chromium ]; then
     log "installing Debian chromium"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq && apt-get install -y -qq chromium >/dev/null
   fi
+  "$VPY" -c "import playwright.sync_api" 2>/dev/null || \
+    "${PIP[@]}" install --quiet -c "$CONSTRAINTS" -r "$ROOT/tools/test-requirements.txt"
+  log "browser: $(/usr/bin/chromium --version 2>/dev/null | head -n1)"
 fi
 
 "$VPY" -c "import torch, torchvision, safetensors; print('[setup] ok: torch', torch.__version__)"

@@ -4,6 +4,7 @@ CountModelCalls clones a MODEL and wraps its diffusion-model call through the do
 set_model_unet_function_wrapper hook, recording the batch size and duration of every call;
 ReportModelCalls (run after the sampler, through its LATENT) returns the record as UI output so
 /history shows it."""
+import hashlib
 import time
 
 import torch
@@ -62,7 +63,8 @@ class ReportModelCalls:
                    "cond_or_uncond": [c["cond_or_uncond"] for c in calls],
                    "model_seconds": sum(c["seconds"] for c in calls), "sampling_seconds": span,
                    "latent_finite": bool(torch.isfinite(latent).all()),
-                   "latent_mean": float(latent.float().mean()), "latent_std": float(latent.float().std())}
+                   "latent_mean": float(latent.float().mean()), "latent_std": float(latent.float().std()),
+                   "latent_sha256": hashlib.sha256(latent.float().contiguous().numpy().tobytes()).hexdigest()}
         return {"ui": {"model_calls": [summary]}, "result": ()}
 
 
@@ -123,3 +125,81 @@ class PoisonConditioning:
 
 
 NODE_CLASS_MAPPINGS["PoisonConditioning"] = PoisonConditioning
+
+
+class EmitFakeTrainingProgress:
+    """Sends the training node's websocket events without training (browser tests of the live view).
+
+    Same contract as the real TrainDiceRefiner: "cfg_distill.train.progress" once per step with
+    {node, step, total, loss, eta_s, elapsed_s}, then "cfg_distill.train.done" with
+    {node, final_loss, file, cancelled, steps}. `target_node` names the node the view draws on;
+    empty means this node itself."""
+    CATEGORY = "testing/cfg-distill"
+    RETURN_TYPES = ()
+    FUNCTION = "emit"
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"steps": ("INT", {"default": 8, "min": 1, "max": 10000}),
+                             "seconds_per_step": ("FLOAT", {"default": 0.25, "min": 0.0, "max": 10.0}),
+                             "file": ("STRING", {"default": "fake-refiner.safetensors"}),
+                             "target_node": ("STRING", {"default": ""})},
+                "hidden": {"unique_id": "UNIQUE_ID"}}
+
+    @classmethod
+    def IS_CHANGED(cls, **kwargs):
+        return float("nan")
+
+    def emit(self, steps, seconds_per_step, file, target_node, unique_id=None):
+        import comfy.model_management
+        from server import PromptServer
+
+        node = target_node or str(unique_id)
+        send = PromptServer.instance.send_sync
+        start, loss, done = time.perf_counter(), 1.0, 0
+        for step in range(1, steps + 1):
+            time.sleep(seconds_per_step)
+            try:
+                comfy.model_management.throw_exception_if_processing_interrupted()
+            except comfy.model_management.InterruptProcessingException:
+                send("cfg_distill.train.done", {"node": node, "final_loss": loss, "file": "",
+                                                "cancelled": True, "steps": done})
+                raise
+            loss = 0.05 + 0.95 * 0.7 ** step  # a plausible decreasing curve
+            done = step
+            elapsed = time.perf_counter() - start
+            send("cfg_distill.train.progress", {"node": node, "step": step, "total": steps, "loss": loss,
+                                                "eta_s": elapsed / step * (steps - step), "elapsed_s": elapsed})
+        send("cfg_distill.train.done", {"node": node, "final_loss": loss, "file": file,
+                                        "cancelled": False, "steps": done})
+        return {"ui": {"fake_training": [{"node": node, "steps": done, "final_loss": loss}]}, "result": ()}
+
+
+NODE_CLASS_MAPPINGS["EmitFakeTrainingProgress"] = EmitFakeTrainingProgress
+
+
+class PoisonModelAfter:
+    """A clone of MODEL whose outputs turn NaN after `calls` diffusion-model calls (tests NaN handling)."""
+    CATEGORY = "testing/cfg-distill"
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "wrap"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",), "calls": ("INT", {"default": 10, "min": 0})}}
+
+    def wrap(self, model, calls):
+        m = model.clone()
+        seen = [0]
+
+        def wrapper(apply_model, args):
+            out = apply_model(args["input"], args["timestep"], **args["c"])
+            seen[0] += 1
+            return out * float("nan") if seen[0] > calls else out
+
+        m.set_model_unet_function_wrapper(wrapper)
+        return (m,)
+
+
+NODE_CLASS_MAPPINGS["PoisonModelAfter"] = PoisonModelAfter
