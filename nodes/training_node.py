@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import sys
 
 import numpy as np
 import torch
@@ -52,12 +53,20 @@ def checkpoint_of(prompt: dict | None, node_id: str | None) -> str:
     return ""
 
 
-def send_event(name: str, data: dict) -> None:
-    try:
-        from server import PromptServer
+def _prompt_server():
+    """The running PromptServer, or None in library mode (headless trainer, tests). Never imports
+    ComfyUI's server module itself: outside a server that import is slow (seconds) and fails."""
+    server = sys.modules.get("server")
+    return getattr(getattr(server, "PromptServer", None), "instance", None)
 
-        PromptServer.instance.send_sync(name, data)
-    except Exception:  # library mode (headless trainer): no server to tell
+
+def send_event(name: str, data: dict) -> None:
+    instance = _prompt_server()
+    if instance is None:  # library mode (headless trainer): no server to tell
+        return
+    try:
+        instance.send_sync(name, data)
+    except Exception:
         pass
 
 
@@ -206,7 +215,10 @@ def run_training(model, clip, prompts, guidance_scale, steps, batch_size, learni
     info = result.info(**info_fields)
     path = os.path.join(folders.default_dir(), f"{name}.safetensors")
     refiner = result.refiner.cpu().eval().requires_grad_(False)
-    final = float(np.mean(result.losses[-10:])) if result.losses else float("nan")
+    # The mean of the last tenth (at most 10 steps): less noisy than the last loss, never dominated
+    # by the first steps of a short run.
+    tail = max(1, min(10, len(result.losses) // 10))
+    final = float(np.mean(result.losses[-tail:])) if result.losses else float("nan")
     if main_rank:
         save_refiner(path, refiner, info)
         send_event(DONE_EVENT, {"node": node_id, "final_loss": final, "file": os.path.basename(path),
@@ -266,10 +278,10 @@ def _checkpoint_hash(name: str) -> str:
 
 
 def _progress_text(text: str, node_id) -> None:
+    instance = _prompt_server()
+    if instance is None or node_id is None:
+        return
     try:
-        from server import PromptServer
-
-        if node_id is not None:
-            PromptServer.instance.send_progress_text(text, node_id)
+        instance.send_progress_text(text, node_id)
     except Exception:
         pass
