@@ -167,7 +167,7 @@ def run_training(model, clip, prompts, guidance_scale, steps, batch_size, learni
         host = ComfyDistillHost(model, encoded, null, guidance_scale, batch_size)
         host.load()
         try:
-            _fill_x0_pool(host, texts, encoded, clip, images, vae, captions, steps * batch_size,
+            _fill_x0_pool(host, texts, encoded, clip, images, vae, captions,
                           (height // 8, width // 8), x0_steps, seed, node_id, should_stop=should_stop)
             info_fields = dict(base_family=family, base_checkpoint=base_checkpoint,
                                base_hash=_checkpoint_hash(base_checkpoint))
@@ -244,7 +244,7 @@ def _result_from_state(state_path: str, config: TrainConfig) -> TrainResult:
                        state_path=state_path, config=config)
 
 
-def _fill_x0_pool(host, texts, encoded, clip, images, vae, captions, samples_needed, latent_hw, x0_steps, seed,
+def _fill_x0_pool(host, texts, encoded, clip, images, vae, captions, latent_hw, x0_steps, seed,
                   node_id=None, should_stop=None):
     if images is not None:
         caps = [c.strip() for c in (captions or "").splitlines() if c.strip()]
@@ -260,8 +260,9 @@ def _fill_x0_pool(host, texts, encoded, clip, images, vae, captions, samples_nee
             latents = vae.encode(images[:, :, :, :3].clone())
         host.add_x0_from_images(latents, index)
         return
-    # One latent per prompt actually reachable in this many samples, generated once and cached.
-    count = min(len(texts), max(samples_needed, 1))
+    # One latent per prompt, generated once. The pool never depends on the step count, so a run
+    # resumed with more steps sees exactly the data an uninterrupted run would.
+    count = len(texts)
     for i in range(count):
         comfy.model_management.throw_exception_if_processing_interrupted()
         if should_stop is not None and should_stop():  # headless cancel before the first step

@@ -193,7 +193,7 @@ def _same_data_single_process(pack, model, clip, steps, batch_per_rank, world, s
         host = ct.ComfyDistillHost(model, encoded, null, 5.0, batch_per_rank)
         host.load()
         try:
-            tn._fill_x0_pool(host, TRAIN_PROMPTS, encoded, clip, None, None, "", steps * batch_per_rank, (8, 8),
+            tn._fill_x0_pool(host, TRAIN_PROMPTS, encoded, clip, None, None, "", (8, 8),
                              x0_steps, seed)
             others = [torch.Generator().manual_seed(seed + r) for r in range(1, world)]
 
