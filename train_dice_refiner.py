@@ -81,6 +81,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="teacher CFG sampling steps per prompt that make the training latents (default %(default)s)")
     p.add_argument("--autocast", choices=["none", "bf16", "fp16"], default="none",
                    help="mixed precision on CUDA GPUs (ignored on the CPU)")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute the frozen model's blocks in backward instead of storing them (less memory, "
+                        "more time per step)")
     p.add_argument("--save-every", type=int, default=200, help="checkpoint every N steps (0: only at the end; default %(default)s)")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--resume", action="store_true", help="continue the saved run of this name")
@@ -375,7 +378,7 @@ def _run(args, d: Dist, comfy_dir: str, use_cpu: bool) -> int:
                 model, clip, prompts, args.guidance_scale, args.steps, args.batch_size, args.lr, args.loss,
                 args.width, args.height, args.seed, name, args.save_every, args.resume, args.x0_steps,
                 args.autocast, base_checkpoint=ckpt_name, should_stop=stop, log_every=args.log_every,
-                on_step=progress)
+                on_step=progress, gradient_checkpointing=args.gradient_checkpointing)
     except comfy.model_management.InterruptProcessingException:
         if d.rank == 0:
             log.warning("cancelled while preparing the training latents: nothing was trained or saved")

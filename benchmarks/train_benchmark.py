@@ -149,7 +149,7 @@ def worker(job: dict) -> dict:
     prompts = [ct.EncodedPrompt(torch.randn(1, 77, 768, generator=g), {}) for _ in range(8)]
     null = ct.EncodedPrompt(torch.randn(1, 77, 768, generator=g), {})
     b, hw = job["batch"], job["latent"]
-    host = ct.ComfyDistillHost(mp, prompts, null, 5.0, b)  # a clone: nothing is patched before host.load()
+    host = ct.ComfyDistillHost(mp, prompts, null, 5.0, b, job.get("gc", False))  # a clone: nothing is patched before host.load()
     for i in range(len(prompts)):
         host.x0.append(torch.randn(1, 4, hw, hw, generator=g))
         host.x0_prompt.append(i)
@@ -220,6 +220,7 @@ def worker(job: dict) -> dict:
                    if cuda else {"kind": "process RSS (GiB)", "after_model_load": rss_model,
                                  "forward_peak": peak_fwd, "train_peak": peak_train}),
         "dtype": job["dtype"], "autocast": job["autocast"], "device": str(device),
+        "gradient_checkpointing": bool(job.get("gc", False)),
         "threads": torch.get_num_threads(),
     }
 
@@ -265,15 +266,15 @@ def comfy_version(comfy_dir: str) -> str:
 
 def table(results: list[dict]) -> str:
     mem_kind = results[0]["memory"]["kind"] if results else ""
-    head = ("| model | params | latent (px) | batch | timed steps | plain forward (s) | forward, trainer's clone (s) | "
+    head = ("| model | params | latent (px) | batch | grad ckpt | timed steps | plain forward (s) | forward, trainer's clone (s) | "
             "train step (s) | step / forward | "
             "teacher (s) | student fwd (s) | backward + AdamW (s) | samples/s | peak mem, forward | "
             "peak mem, training |")
-    rows = [head, "|" + "---|" * 15]
+    rows = [head, "|" + "---|" * 16]
     for r in results:
         m = r["memory"]
         rows.append(f"| {r['model']} | {r['params_m']}M | {r['latent']}x{r['latent']} ({r['pixels']}) | {r['batch']} | "
-                    f"{r['timed_steps']} | {r['plain_forward_s']:.3f} | {r['wrapped_forward_s']:.3f} | {r['train_step_s']:.3f} | **{r['step_over_forward']:.2f}x** | "
+                    f"{'on' if r.get('gradient_checkpointing') else 'off'} | {r['timed_steps']} | {r['plain_forward_s']:.3f} | {r['wrapped_forward_s']:.3f} | {r['train_step_s']:.3f} | **{r['step_over_forward']:.2f}x** | "
                     f"{r['teacher_s']:.3f} | {r['student_forward_s']:.3f} | {r['backward_and_update_s']:.3f} | "
                     f"{r['samples_per_s']:.3f} | {m['forward_peak']:.2f} | {m['train_peak']:.2f} |")
     return "\n".join(rows) + f"\n\nMemory: {mem_kind}."
@@ -289,6 +290,9 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", choices=list(DTYPES), default=None, help="model weights (default fp32 on CPU, fp16 on CUDA)")
     p.add_argument("--autocast", choices=["none", "bf16", "fp16"], default="none", help="CUDA only (the core's option)")
     p.add_argument("--steps", type=int, default=2, help="timed training steps per configuration")
+    p.add_argument("--gradient-checkpointing", choices=["off", "on", "both"], default="off",
+                   help="checkpoint the frozen model's blocks in the student pass; 'both' runs each configuration "
+                        "twice, without then with")
     p.add_argument("--forwards", type=int, default=2,
                    help="timed plain forwards per configuration (at least the steps, up to 10)")
     p.add_argument("--warmup", type=int, default=1, help="untimed warm-up steps / forwards")
@@ -308,14 +312,15 @@ def main(argv=None) -> int:
 
     dtype = args.dtype or ("fp32" if args.device == "cpu" else "fp16")
     results, failures = [], []
-    for spec in args.configs.split(","):
+    gc_modes = {"off": [False], "on": [True], "both": [False, True]}[args.gradient_checkpointing]
+    for spec, gc in [(s, g) for s in args.configs.split(",") for g in gc_modes]:
         model, latent, batch, *more = spec.split(":")
         steps = int(more[0]) if more else args.steps
         job = dict(model=model, latent=int(latent), batch=int(batch), device=args.device, dtype=dtype,
                    autocast=args.autocast, steps=steps, forwards=max(args.forwards, min(steps, 10)),
                    warmup=args.warmup,
-                   threads=args.threads, comfyui=comfy_dir, mem_limit_gb=args.mem_limit_gb)
-        print(f"-- {spec} ...", file=sys.stderr, flush=True)
+                   threads=args.threads, comfyui=comfy_dir, mem_limit_gb=args.mem_limit_gb, gc=gc)
+        print(f"-- {spec}{' (gradient checkpointing)' if gc else ''} ...", file=sys.stderr, flush=True)
         t0 = time.monotonic()
         proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(job)],
                               capture_output=True, text=True)
@@ -323,7 +328,7 @@ def main(argv=None) -> int:
         if proc.returncode != 0 or line is None:
             tail = (proc.stderr or proc.stdout)[-1500:]
             print(f"   failed (exit {proc.returncode}):\n{tail}", file=sys.stderr)
-            failures.append({"config": spec, "exit": proc.returncode, "error": tail})
+            failures.append({"config": spec, "gradient_checkpointing": gc, "exit": proc.returncode, "error": tail})
             continue
         r = json.loads(line[len("RESULT "):])
         results.append(r)

@@ -21,6 +21,7 @@ import comfy.sample
 import comfy.sampler_helpers
 import comfy.samplers
 
+from ..cfg_distill.checkpointing import checkpointed_blocks
 from ..cfg_distill.fusion import repeat_to_length
 from ..cfg_distill.training import Batch
 
@@ -80,8 +81,9 @@ class ComfyDistillHost:
     """Holds the trainable clone, the cached encodings and the x0 pool; provides the callables."""
 
     def __init__(self, model, prompts: list[EncodedPrompt], null: EncodedPrompt, guidance_scale: float,
-                 batch_size: int):
+                 batch_size: int, gradient_checkpointing: bool = False):
         self.mp = trainable_clone(model)
+        self.gradient_checkpointing = gradient_checkpointing
         self.mp.model.requires_grad_(False)
         self.prompts, self.null, self.w, self.batch_size = prompts, null, guidance_scale, batch_size
         self.device = self.mp.load_device
@@ -150,6 +152,8 @@ class ComfyDistillHost:
 
     def student(self, batch: Batch, refined_c: torch.Tensor) -> torch.Tensor:
         cond = self._process(_stack_conditioning(refined_c, batch.extra["prompts"]), batch)
-        denoised = comfy.samplers.calc_cond_batch(self.mp.model, [cond], batch.x_t, batch.sigma,
-                                                  self.mp.model_options)[0]
+        # Checkpointing (optional) trades one extra forward for not storing every block's activations.
+        with checkpointed_blocks(self.mp.model.diffusion_model, self.gradient_checkpointing):
+            denoised = comfy.samplers.calc_cond_batch(self.mp.model, [cond], batch.x_t, batch.sigma,
+                                                      self.mp.model_options)[0]
         return self._eps(batch, denoised)

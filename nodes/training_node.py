@@ -111,6 +111,9 @@ class TrainDiceRefiner(io.ComfyNode):
                              tooltip="Teacher sampling steps per prompt when no images are given."),
                 io.Combo.Input("autocast", options=["none", "bf16", "fp16"], default="none", optional=True,
                                tooltip="Mixed precision on CUDA GPUs (ignored on CPU)."),
+                io.Boolean.Input("gradient_checkpointing", default=False, optional=True,
+                                 tooltip="Recompute the frozen model's blocks in the backward pass instead of "
+                                         "storing them: much less memory, about 30-50% more time per step."),
                 io.Image.Input("images", optional=True, tooltip="Real images to noise, as in the paper."),
                 io.Vae.Input("vae", optional=True, tooltip="Needed with images."),
                 io.String.Input("captions", multiline=True, optional=True, default="",
@@ -124,19 +127,21 @@ class TrainDiceRefiner(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, prompts, guidance_scale, steps, batch_size, learning_rate, loss, width, height,
                 seed, refiner_name, save_every, resume, x0_steps=8, autocast="none", images=None, vae=None,
-                captions="") -> io.NodeOutput:
+                captions="", gradient_checkpointing=False) -> io.NodeOutput:
         node_id = str(cls.hidden.unique_id) if cls.hidden else None
         prompt_graph = cls.hidden.prompt if cls.hidden else None
         result = run_training(model, clip, prompts, guidance_scale, steps, batch_size, learning_rate, loss,
                               width, height, seed, refiner_name, save_every, resume, x0_steps, autocast,
                               images, vae, captions, node_id=node_id,
-                              base_checkpoint=checkpoint_of(prompt_graph, node_id))
+                              base_checkpoint=checkpoint_of(prompt_graph, node_id),
+                              gradient_checkpointing=gradient_checkpointing)
         return io.NodeOutput(*result)
 
 
 def run_training(model, clip, prompts, guidance_scale, steps, batch_size, learning_rate, loss, width, height,
                  seed, refiner_name, save_every, resume, x0_steps=8, autocast="none", images=None, vae=None,
-                 captions="", node_id=None, base_checkpoint="", should_stop=None, log_every=0, on_step=None):
+                 captions="", node_id=None, base_checkpoint="", should_stop=None, log_every=0, on_step=None,
+                 gradient_checkpointing=False):
     """The node's work, callable from the headless trainer too. Returns (LoadedRefiner, loss image).
 
     Headless use: should_stop() replaces ComfyUI's interrupt flag (polled before every step and while
@@ -164,7 +169,7 @@ def run_training(model, clip, prompts, guidance_scale, steps, batch_size, learni
         token_dim = null.tokens.shape[-1]
         family = family_of(model, token_dim)
         config.keep_first_token = FAMILIES.get(family, FAMILIES["other"]).keep_first_token
-        host = ComfyDistillHost(model, encoded, null, guidance_scale, batch_size)
+        host = ComfyDistillHost(model, encoded, null, guidance_scale, batch_size, gradient_checkpointing)
         host.load()
         try:
             _fill_x0_pool(host, texts, encoded, clip, images, vae, captions,

@@ -234,3 +234,66 @@ def test_eps_v_and_flow_models_all_learn(ct, sd15, parameterisation):
     rep = held_out_gap(ct, model, result.refiner, enc)
     print(f"{parameterisation}: held-out refined {rep.refined:.4g} vs cfg 1 {rep.baseline:.4g} (ratio {rep.ratio:.3f})")
     assert rep.refined < 0.85 * rep.baseline
+
+
+# ---------------------------------------------------------------------------------------------
+# Gradient checkpointing of the frozen model (per block, scoped to the student call)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients_and_leaves_the_model_as_it_was(ct, sd15):
+    from cfg_distill.checkpointing import checkpoint_segments
+    from cfg_distill.refiner import refine
+    from cfg_distill.training import distill_loss, new_refiner
+
+    enc = SyntheticEncoder(768, None, {}, seed=3)
+    unet = sd15.model.diffusion_model
+    segments = checkpoint_segments(unet)
+    names = sorted({type(s).__name__ for s in segments})
+    assert names == ["ResBlock", "SpatialTransformer"], names
+    grads, losses = [], []
+    for checkpointing in (False, True):
+        host = ct.ComfyDistillHost(sd15, enc.prompts(ct, 4, seed=11), enc.null(ct), W, 2, checkpointing)
+        host.load()
+        try:
+            for i in range(4):
+                host.add_x0_from_teacher(i, (8, 8), 2, 300 + i)
+            batch = host.sample_batch(0, torch.Generator().manual_seed(5))
+            torch.manual_seed(0)
+            refiner = new_refiner(768)
+            torch.nn.init.normal_(refiner.fc2.weight, std=0.02)  # not the identity: a real gradient path
+            with torch.no_grad():
+                target = host.teacher(batch)
+            seen = []
+            # the last block is downstream of the conditioning (blocks before the first cross-attention
+            # carry no gradient and are never recomputed); hooks of the block itself miss the recompute
+            inner = next(segments[-1].children())
+            hook = inner.register_forward_hook(lambda *a: seen.append(1))
+            try:
+                loss = distill_loss(host.student(batch, refine(refiner, batch.c, batch.uc, 1.0, True)), target)
+                loss.backward()
+            finally:
+                hook.remove()
+            # checkpointed: the block's inside runs twice (forward without storing, recompute in backward)
+            assert len(seen) == (2 if checkpointing else 1), seen
+            losses.append(loss.item())
+            grads.append(torch.cat([p.grad.reshape(-1) for p in refiner.parameters()]))
+        finally:
+            host.cleanup()
+        assert not any("forward" in s.__dict__ for s in segments), "a block kept its patched forward"
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+    assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-7), (grads[0] - grads[1]).abs().max()
+
+
+def test_gradient_checkpointing_is_removed_even_when_the_call_fails():
+    from cfg_distill.checkpointing import checkpointed_blocks
+
+    class Block(torch.nn.Module):
+        def forward(self, x):
+            raise RuntimeError("boom")
+
+    net = torch.nn.Sequential(Block(), Block())
+    with pytest.raises(RuntimeError, match="boom"):
+        with checkpointed_blocks(net) as n:
+            assert n == 2
+            net(torch.ones(1, requires_grad=True))
+    assert all("forward" not in b.__dict__ for b in net)
