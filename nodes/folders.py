@@ -18,8 +18,12 @@ def register() -> None:
     folder_paths.folder_names_and_paths[FOLDER][1].add(".safetensors")
 
 
+# The testbed model's own parts live in weights/testbed/ next to its refiner; they are not refiners.
+NOT_REFINERS = frozenset({"testbed/unet.safetensors", "testbed/vae.safetensors"})
+
+
 def refiner_names() -> list[str]:
-    return folder_paths.get_filename_list(FOLDER)
+    return [n for n in folder_paths.get_filename_list(FOLDER) if n.replace(os.sep, "/") not in NOT_REFINERS]
 
 
 def refiner_path(name: str) -> str:

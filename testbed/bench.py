@@ -1,0 +1,269 @@
+"""The quality table: CFG, DICE and TeEFusion on the testbed model, judged on image outcomes.
+
+    python -m testbed.bench                 (held-out prompts; about 10-15 min on a 2-core CPU)
+    python -m testbed.bench --quick         (the CI subset: 12 prompts x 2 seeds, 3 methods)
+
+Everything is sampled by the real ComfyUI in library mode with stock semantics: the checkpoint is
+loaded by comfy.sd.load_checkpoint_guess_config (what CheckpointLoaderSimple calls), sampling is
+nodes.common_ksampler (what KSampler calls; dpmpp_2m / karras), decoding is the VAE's decode (what
+VAEDecode calls). DICE and TeEFusion rewrite the conditioning with this pack's own node code. Prompt
+encodings come from testbed.textcache, which is bit-identical to CLIPTextEncode on this checkpoint
+(checked by tests/test_testbed.py; --stock-text-encode uses CLIPTextEncode itself, slower).
+
+All prompts and seeds of a method go through ONE sampler call as one batch (a conditioning batch that
+matches the latent batch), so every method sees exactly the same starting noise per (prompt, seed).
+Model evaluations are counted by wrapping the model (set_model_unet_function_wrapper): rows evaluated
+per image. The negative prompt for the "with negative" rows is the colour-swapped prompt (shape colour
+and background colour exchanged: the attribute-binding error).
+
+Columns: NFE per image; alignment = mean over the four attributes of the judge's accuracy (%); all4 =
+images with all four right (%); per-attribute accuracy; FD = Frechet distance between the judge's
+features of the generated images and of real images of the same prompts (lower is better); dCFG =
+RMS pixel distance (0..1) to the CFG w=5 image of the same prompt and seed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from testbed import data, judge  # noqa: E402
+from testbed.model import REFINER_FILE, WEIGHTS_DIR, comfy_library  # noqa: E402
+
+SAMPLER, SCHEDULER = "dpmpp_2m", "karras"
+
+
+def negative_for(c: data.Combo) -> data.Combo:
+    return data.Combo(c.background, c.shape, c.color, c.position)
+
+
+def load_pack():
+    """This pack's modules (nodes + core) in library mode, as the headless trainer loads them."""
+    comfy_library()
+    import nodes  # noqa: F401  ComfyUI's nodes.py must be imported before the pack's `nodes` package
+
+    sys.path.insert(0, ROOT)
+    import train_dice_refiner
+
+    return train_dice_refiner.import_pack()
+
+
+class Runner:
+    """The loaded checkpoint plus batched sampling with model-evaluation counting."""
+
+    def __init__(self, ckpt_path: str, stock_text_encode: bool = False):
+        comfy_library()
+        import comfy.sd
+
+        self.model, self.clip, self.vae = comfy.sd.load_checkpoint_guess_config(ckpt_path)[:3]
+        self.stock = stock_text_encode
+        self._fast = None
+
+    def encode(self, prompts: list[str]) -> torch.Tensor:
+        if self.stock:
+            import nodes
+
+            enc = nodes.CLIPTextEncode()
+            return torch.cat([enc.encode(self.clip, p)[0][0][0] for p in prompts])
+        if self._fast is None:
+            from testbed.textcache import FastEncoder
+
+            self._fast = FastEncoder()
+        return self._fast.encode(prompts)
+
+    def sample(self, positive: torch.Tensor, negative: torch.Tensor, cfg: float, steps: int, seed: int):
+        """positive [B,77,768] (one row per image), negative [1 or B,77,768] -> (images [B,H,W,3], rows evaluated)."""
+        import nodes
+
+        rows = [0]
+        m = self.model.clone()
+
+        def wrapper(apply_model, args):
+            rows[0] += int(args["input"].shape[0])
+            return apply_model(args["input"], args["timestep"], **args["c"])
+
+        m.set_model_unet_function_wrapper(wrapper)
+        b = positive.shape[0]
+        latent = {"samples": torch.zeros(b, 4, data.SIZE // 8, data.SIZE // 8)}
+        pos = [[positive, {}]]
+        neg = [[negative, {}]]
+        with torch.inference_mode():
+            out = nodes.common_ksampler(m, seed, steps, cfg, SAMPLER, SCHEDULER, pos, neg, latent)[0]
+            images = self.vae.decode(out["samples"])
+        return images.reshape(-1, data.SIZE, data.SIZE, 3).float().numpy(), rows[0]
+
+
+def methods(quick: bool, refiner_available: bool) -> list[dict]:
+    m = [dict(name="cfg 1 (no guidance)", key="cfg1", cfg=1.0, pos="c", neg="null"),
+         dict(name="CFG w=3", key="cfg3", cfg=3.0, pos="c", neg="null"),
+         dict(name="CFG w=5", key="cfg5", cfg=5.0, pos="c", neg="null"),
+         dict(name="CFG w=7", key="cfg7", cfg=7.0, pos="c", neg="null"),
+         dict(name="CFG w=5, negative prompt", key="cfg5_neg", cfg=5.0, pos="c", neg="negative"),
+         dict(name="DICE (w=5 refiner), cfg 1", key="dice", cfg=1.0, pos="dice", neg="null"),
+         dict(name="DICE + negative prompt, cfg 1", key="dice_neg", cfg=1.0, pos="dice_neg", neg="null"),
+         dict(name="TeEFusion fusion w=4 (training-free), cfg 1", key="teefusion4", cfg=1.0, pos="fuse4", neg="null"),
+         dict(name="TeEFusion fusion w=1 (training-free), cfg 1", key="teefusion1", cfg=1.0, pos="fuse1", neg="null"),
+         dict(name="scaled embeddings x1.2, cfg 1", key="scaled", cfg=1.0, pos="scaled", neg="null")]
+    if quick:
+        m = [x for x in m if x["key"] in ("cfg1", "cfg5", "dice")]
+    if not refiner_available:
+        m = [x for x in m if not x["key"].startswith("dice")]
+    return m
+
+
+def real_features(combos: list[data.Combo], per_combo: int = 8, seed: int = 4242) -> np.ndarray:
+    images, index, _ = data.make_set(combos, per_combo, seed)
+    return judge.score(images, [combos[i] for i in index])["features"]
+
+
+def run(args) -> dict:
+    pack = load_pack()
+    from testbed.assemble import assemble
+
+    core = sys.modules[pack.__name__ + ".cfg_distill"]
+    ckpt = assemble(args.ckpt_dir, args.weights, force=args.weights != WEIGHTS_DIR)
+    runner = Runner(ckpt, args.stock_text_encode)
+    _train, held = data.split()
+    combos = held[:args.prompts]
+    prompts = [c.prompt(i) for i, c in enumerate(combos)]
+    negatives = [negative_for(c).prompt(i) for i, c in enumerate(combos)]
+    t0 = time.monotonic()
+    c = runner.encode(prompts)
+    null = runner.encode([""])
+    neg = runner.encode(negatives)
+    t_text = time.monotonic() - t0
+    S = args.seeds
+    rep = lambda t: t.repeat_interleave(S, dim=0)  # noqa: E731  row = prompt * S + seed
+    refiner = None
+    if os.path.exists(args.refiner):
+        refiner = core.load_refiner(args.refiner)
+    inputs = {"c": c, "null": null, "negative": neg, "scaled": c * 1.2,
+              "fuse4": core.fuse_tokens(c, null, 4.0), "fuse1": core.fuse_tokens(c, null, 1.0)}
+    if refiner is not None:
+        inputs["dice"] = core.refine_tokens(refiner, c, null, 1.0)
+        inputs["dice_neg"] = core.refine_tokens(refiner, c, neg, 1.0)
+    row_combos = [cb for cb in combos for _ in range(S)]
+    real = real_features(combos)
+    results, images = {}, {}
+    chosen = methods(args.quick, refiner is not None)
+    if args.methods:
+        chosen = [m for m in methods(False, refiner is not None) if m["key"] in args.methods.split(",")]
+    for m in chosen:
+        t0 = time.monotonic()
+        pos = rep(inputs[m["pos"]])
+        negt = inputs["null"] if m["neg"] == "null" else rep(inputs[m["neg"]])
+        imgs, rows = runner.sample(pos, negt, m["cfg"], args.steps, args.seed)
+        sc = judge.score(imgs, row_combos)
+        results[m["key"]] = dict(name=m["name"], cfg=m["cfg"], nfe=rows / len(imgs), alignment=sc["alignment"],
+                                 all_correct=sc["all_correct"], per_attribute=sc["per_attribute"],
+                                 fd=judge.frechet(sc["features"], real), seconds=time.monotonic() - t0)
+        images[m["key"]] = imgs
+        print(f"  {m['name']}: alignment {sc['alignment']:.1f}%  all4 {sc['all_correct']:.1f}%  "
+              f"nfe {rows / len(imgs):.0f}  ({time.monotonic() - t0:.0f}s)", flush=True)
+    if "cfg5" in images:
+        for k, imgs in images.items():
+            results[k]["d_cfg5"] = float(np.sqrt(((imgs - images["cfg5"]) ** 2).mean(axis=(1, 2, 3))).mean())
+    summary = summarize(results)
+    out = dict(prompts=prompts, seeds=S, steps=args.steps, sampler=f"{SAMPLER}/{SCHEDULER}", seed=args.seed,
+               split="held-out", refiner=os.path.basename(args.refiner) if refiner is not None else None,
+               text_seconds=t_text, results=results, summary=summary)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "table.json"), "w") as f:
+        json.dump(out, f, indent=1)
+    with open(os.path.join(args.out, "table.md"), "w") as f:
+        f.write(table_markdown(out))
+    save_grid(images, combos, S, os.path.join(args.out, "grid.png"), args.grid_rows, results)
+    return out
+
+
+def summarize(results: dict) -> dict:
+    s = {}
+    if "cfg1" in results and "cfg5" in results:
+        gap = results["cfg5"]["alignment"] - results["cfg1"]["alignment"]
+        s["gap_cfg5_minus_cfg1"] = gap
+        for k in ("dice", "dice_neg", "teefusion4", "teefusion1", "scaled"):
+            if k in results and gap > 0:
+                s[f"recovery_{k}"] = (results[k]["alignment"] - results["cfg1"]["alignment"]) / gap
+    return s
+
+
+def table_markdown(out: dict) -> str:
+    lines = [f"Held-out prompts: {len(out['prompts'])} (combinations never seen in training) x {out['seeds']} seeds; "
+             f"{out['sampler']}, {out['steps']} steps, base seed {out['seed']}.", "",
+             "| method | NFE / image | alignment % | all 4 % | colour | shape | background | position | FD (judge) | "
+             "RMS to CFG 5 |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in out["results"].values():
+        pa = r["per_attribute"]
+        lines.append(f"| {r['name']} | {r['nfe']:.0f} | {r['alignment']:.1f} | {r['all_correct']:.1f} | "
+                     f"{pa['color']:.0f} | {pa['shape']:.0f} | {pa['background']:.0f} | {pa['position']:.0f} | "
+                     f"{r['fd']:.3f} | {r.get('d_cfg5', float('nan')):.3f} |")
+    s = out["summary"]
+    if "gap_cfg5_minus_cfg1" in s:
+        lines += ["", f"CFG w=5 minus cfg 1: {s['gap_cfg5_minus_cfg1']:+.1f} alignment points."]
+        for k, label in (("dice", "DICE"), ("dice_neg", "DICE + negative"), ("teefusion4", "TeEFusion w=4"),
+                         ("teefusion1", "TeEFusion w=1"), ("scaled", "scaled embeddings")):
+            if f"recovery_{k}" in s:
+                lines.append(f"{label} recovers {100 * s[f'recovery_{k}']:.0f}% of that gap.")
+    return "\n".join(lines) + "\n"
+
+
+def save_grid(images: dict, combos, seeds: int, path: str, rows: int, results: dict, scale: int = 3) -> None:
+    from PIL import Image, ImageDraw
+
+    keys = list(images)
+    n = min(rows, len(combos))
+    cell, pad, head, left = data.SIZE * scale, 4, 16, 250
+    W = left + len(keys) * (cell + pad)
+    H = head + n * (cell + pad)
+    canvas = Image.new("RGB", (W, H), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for j, k in enumerate(keys):
+        draw.text((left + j * (cell + pad), 2), k, fill=(0, 0, 0))
+    for i in range(n):
+        y = head + i * (cell + pad)
+        draw.text((2, y + cell // 2 - 6), combos[i].prompt(i)[:44], fill=(0, 0, 0))
+        for j, k in enumerate(keys):
+            img = (np.clip(images[k][i * seeds], 0, 1) * 255).astype(np.uint8)
+            canvas.paste(Image.fromarray(img).resize((cell, cell), Image.NEAREST), (left + j * (cell + pad), y))
+    canvas.save(path)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description="Quality table of CFG / DICE / TeEFusion on the testbed model.")
+    ap.add_argument("--quick", action="store_true", help="CI subset: 12 prompts x 2 seeds, cfg 1 / CFG 5 / DICE")
+    ap.add_argument("--prompts", type=int, default=None, help="held-out prompts to use (default 60; quick 12)")
+    ap.add_argument("--seeds", type=int, default=None, help="noise draws per prompt (default 2)")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--refiner", default=os.path.join(WEIGHTS_DIR, REFINER_FILE))
+    ap.add_argument("--ckpt-dir", default=os.path.join(ROOT, "out", "testbed"))
+    ap.add_argument("--weights", default=WEIGHTS_DIR, help="folder with the testbed's unet / vae weights")
+    ap.add_argument("--methods", default=None, help="comma-separated method keys (default: all)")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--grid-rows", type=int, default=12)
+    ap.add_argument("--stock-text-encode", action="store_true", help="encode prompts with CLIPTextEncode itself")
+    args = ap.parse_args(argv)
+    args.prompts = args.prompts or (12 if args.quick else 60)
+    args.seeds = args.seeds or 2
+    args.out = args.out or os.path.join(ROOT, "out", "testbed", "bench-quick" if args.quick else "bench")
+    torch.set_num_threads(int(os.environ.get("TESTBED_THREADS", "2")))
+    started = time.monotonic()
+    out = run(args)
+    print()
+    print(table_markdown(out))
+    print(f"grid: {os.path.join(args.out, 'grid.png')}   table: {os.path.join(args.out, 'table.md')}   "
+          f"({time.monotonic() - started:.0f}s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

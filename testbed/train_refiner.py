@@ -1,0 +1,123 @@
+"""Train the testbed's DICE refiner with this pack's own trainer (the Train DICE Refiner node's
+run_training, in ComfyUI library mode, as the headless trainer calls it), on real training images of
+the testbed (VAE-encoded, as in the paper) with their prompts, at w = 5. Held-out combinations are
+never used.
+
+    python -m testbed.train_refiner          -> weights/testbed/testbed-dice-w5.safetensors (float16)
+
+The text encoder's identity layers are skipped while the captions are encoded (bit-identical result,
+see testbed.textcache) - the only deviation from the node's path, and only for speed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from testbed import data, textenc  # noqa: E402
+from testbed.model import REFINER_FILE, WEIGHTS_DIR  # noqa: E402
+
+
+def skip_identity_layers(clip) -> None:
+    """Drop the text encoder's zero-residual layers from a loaded CLIP (exact: they add 0.0)."""
+    te = clip.cond_stage_model.clip_l.transformer.text_model.encoder
+    for layer in te.layers[textenc.ACTIVE_LAYERS:]:
+        for p in layer.parameters():
+            if p.ndim == 2 and bool(p.any()):
+                raise RuntimeError("the text encoder's upper layers are not zero: not the testbed encoder")
+    te.layers = te.layers[:textenc.ACTIVE_LAYERS]
+
+
+def training_set(per_combo: int, seed: int) -> tuple[torch.Tensor, list[str]]:
+    train, _held = data.split()
+    images, _index, prompts = data.make_set(train, per_combo, seed)
+    return torch.from_numpy(images), prompts
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--loss", choices=["l1", "l2"], default="l2")
+    ap.add_argument("--guidance-scale", type=float, default=5.0)
+    ap.add_argument("--per-combo", type=int, default=1, help="training images per training combination")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=os.path.join(WEIGHTS_DIR, REFINER_FILE))
+    ap.add_argument("--work", default=os.path.join(ROOT, "out", "testbed", "refiner"))
+    ap.add_argument("--ckpt-dir", default=os.path.join(ROOT, "out", "testbed"))
+    ap.add_argument("--weights", default=WEIGHTS_DIR, help="folder with the testbed's unet / vae weights")
+    ap.add_argument("--resume", action="store_true")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(int(os.environ.get("TESTBED_THREADS", "2")))
+
+    from testbed.assemble import assemble
+    from testbed.bench import load_pack
+
+    pack = load_pack()
+    import comfy.sd
+    import folder_paths
+
+    training_node = sys.modules[pack.__name__ + ".nodes.training_node"]
+    folders = sys.modules[pack.__name__ + ".nodes.folders"]
+    os.makedirs(args.work, exist_ok=True)
+    folder_paths.add_model_folder_path(folders.FOLDER, args.work, is_default=True)
+    ckpt = assemble(args.ckpt_dir, args.weights, force=args.weights != WEIGHTS_DIR)
+    folder_paths.add_model_folder_path("checkpoints", os.path.dirname(ckpt), is_default=True)
+    model, clip, vae = comfy.sd.load_checkpoint_guess_config(ckpt)[:3]
+    skip_identity_layers(clip)
+    images, prompts = training_set(args.per_combo, args.seed + 11)
+    print(f"training a DICE refiner at w={args.guidance_scale:g} on {len(prompts)} training images / prompts; "
+          f"{args.steps} steps x batch {args.batch_size}, lr {args.lr:g}, {args.loss}", flush=True)
+    started = time.monotonic()
+
+    def on_step(step, total, loss, elapsed, eta):
+        if step % 25 == 0 or step == total:
+            print(f"[{time.strftime('%H:%M:%S')}] step {step}/{total} loss {loss:.4g} eta {eta:.0f}s", flush=True)
+
+    name = os.path.splitext(os.path.basename(args.out))[0]
+    loaded, _curve = training_node.run_training(
+        model, clip, "\n".join(prompts), args.guidance_scale, args.steps, args.batch_size, args.lr, args.loss,
+        data.SIZE, data.SIZE, args.seed, name, 100, args.resume, images=images, vae=vae,
+        base_checkpoint=os.path.basename(ckpt), should_stop=lambda: False, on_step=on_step)
+    seconds = time.monotonic() - started
+    src = os.path.join(args.work, f"{name}.safetensors")
+    # Commit as float16 (half the size); the loader computes in float32 either way.
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(src, framework="pt") as f:
+        meta = dict(f.metadata() or {})
+        tensors = {k: f.get_tensor(k).to(torch.float16) for k in f.keys()}
+    meta["testbed_training"] = json.dumps(dict(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                                               loss=args.loss, images=len(prompts), seconds=round(seconds),
+                                               guidance_scale=args.guidance_scale))
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    save_file(tensors, args.out + ".tmp", metadata=meta)
+    os.replace(args.out + ".tmp", args.out)
+    print(f"refiner trained in {seconds:.0f}s ({loaded.info.summary()}); saved {args.out}")
+    np.save(os.path.join(args.work, "losses.npy"), np.array(_losses_of(src)))
+    return 0
+
+
+def _losses_of(path: str) -> list[float]:
+    state = os.path.splitext(path)[0] + ".dice-train-state"
+    if not os.path.exists(state):
+        return []
+    from safetensors import safe_open
+
+    with safe_open(state, framework="pt") as f:
+        return f.get_tensor("losses").tolist()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
