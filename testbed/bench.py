@@ -1,6 +1,6 @@
 """The quality table: CFG, DICE and TeEFusion on the testbed model, judged on image outcomes.
 
-    python -m testbed.bench                 (held-out prompts; about 10-15 min on a 2-core CPU)
+    python -m testbed.bench                 (60 held-out prompts x 4 seeds, 10 methods; a few minutes on 2 cores)
     python -m testbed.bench --quick         (the CI subset: 12 prompts x 2 seeds, 3 methods)
 
 Everything is sampled by the real ComfyUI in library mode with stock semantics: the checkpoint is
@@ -241,7 +241,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="Quality table of CFG / DICE / TeEFusion on the testbed model.")
     ap.add_argument("--quick", action="store_true", help="CI subset: 12 prompts x 2 seeds, cfg 1 / CFG 5 / DICE")
     ap.add_argument("--prompts", type=int, default=None, help="held-out prompts to use (default 60; quick 12)")
-    ap.add_argument("--seeds", type=int, default=None, help="noise draws per prompt (default 2)")
+    ap.add_argument("--seeds", type=int, default=None, help="noise draws per prompt (default 4; quick 2)")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--refiner", default=os.path.join(WEIGHTS_DIR, REFINER_FILE))
@@ -253,7 +253,7 @@ def main(argv=None) -> int:
     ap.add_argument("--stock-text-encode", action="store_true", help="encode prompts with CLIPTextEncode itself")
     args = ap.parse_args(argv)
     args.prompts = args.prompts or (12 if args.quick else 60)
-    args.seeds = args.seeds or 2
+    args.seeds = args.seeds or (2 if args.quick else 4)
     args.out = args.out or os.path.join(ROOT, "out", "testbed", "bench-quick" if args.quick else "bench")
     torch.set_num_threads(int(os.environ.get("TESTBED_THREADS", "2")))
     started = time.monotonic()

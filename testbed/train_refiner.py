@@ -45,12 +45,12 @@ def training_set(per_combo: int, seed: int) -> tuple[torch.Tensor, list[str]]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--loss", choices=["l1", "l2"], default="l2")
     ap.add_argument("--guidance-scale", type=float, default=5.0)
-    ap.add_argument("--per-combo", type=int, default=1, help="training images per training combination")
+    ap.add_argument("--per-combo", type=int, default=2, help="training images per training combination")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=os.path.join(WEIGHTS_DIR, REFINER_FILE))
     ap.add_argument("--work", default=os.path.join(ROOT, "out", "testbed", "refiner"))

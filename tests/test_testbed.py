@@ -23,8 +23,8 @@ needs_comfy = pytest.mark.skipif(not os.path.isfile(os.path.join(COMFY_DIR, "mai
 
 # Quality-regression margins for the quick table (12 held-out prompts x 2 seeds, fixed seeds). The
 # measured values are in testbed/README.md; the margins leave room for other CPUs / torch builds.
-MIN_GAP_QUICK = 10.0  # CFG w=5 minus cfg 1, alignment points
-MIN_RECOVERY_QUICK = 0.6  # DICE's share of that gap
+MIN_GAP_QUICK = 20.0  # CFG w=5 minus cfg 1, alignment points (measured 34.4)
+MIN_RECOVERY_QUICK = 0.5  # DICE's share of that gap (measured 0.88 on this subset)
 
 
 def _run(args, timeout):
