@@ -62,7 +62,8 @@ class ApplyDiceRefiner(io.ComfyNode):
             inputs=[
                 io.Conditioning.Input("positive"),
                 io.Conditioning.Input("negative", tooltip="Encoding of the empty prompt \"\" for plain DICE "
-                                      "(what refiners are trained with), or a real negative prompt (zero-shot)."),
+                                      "(what refiners are trained with), or a real negative prompt (zero-shot: "
+                                      "it can fail badly, see the README's testbed table)."),
                 DiceRefinerType.Input("refiner"),
                 io.Float.Input("strength", default=1.0, min=-2.0, max=4.0, step=0.05,
                                tooltip="alpha in c + alpha * S(c, uc); 1.0 is what the refiner was trained for."),
