@@ -16,6 +16,10 @@ from safetensors.torch import load_file, save_file
 from .families import FAMILIES, describe_dim, get_family
 from .refiner import DEFAULT_HEADS, PARAMETER_NAMES, DiceRefiner
 
+# Files under a refiner folder that are not refiners: the testbed model's own parts, bundled in
+# weights/testbed/ next to its refiner. Both hosts leave them out of their refiner lists.
+NOT_REFINERS = frozenset({"testbed/unet.safetensors", "testbed/vae.safetensors"})
+
 FORMAT_NAME = "cfg-distill.dice-refiner"
 FORMAT_VERSION = 1
 _KEY = "cfg_distill"  # the single metadata entry, a JSON object

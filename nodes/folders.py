@@ -7,6 +7,8 @@ import os
 
 import folder_paths
 
+from ..cfg_distill.refiner_file import NOT_REFINERS
+
 FOLDER = "dice_refiners"
 BUNDLED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "weights")
 
@@ -16,10 +18,6 @@ def register() -> None:
     folder_paths.add_model_folder_path(FOLDER, BUNDLED)
     # Only safetensors are offered: pickles are never loaded (convert them with import-official).
     folder_paths.folder_names_and_paths[FOLDER][1].add(".safetensors")
-
-
-# The testbed model's own parts live in weights/testbed/ next to its refiner; they are not refiners.
-NOT_REFINERS = frozenset({"testbed/unet.safetensors", "testbed/vae.safetensors"})
 
 
 def refiner_names() -> list[str]:
