@@ -9,6 +9,8 @@
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from .comfy_env import use_comfy_library
@@ -32,7 +34,7 @@ def _init_(module: torch.nn.Module, seed: int) -> None:
 SD15_UNETS = {
     "tiny": dict(num_res_blocks=[1], channel_mult=[1], transformer_depth=[1], transformer_depth_output=[1, 1],
                  transformer_depth_middle=-2),
-    "full": dict(num_res_blocks=[2, 2, 2, 2], channel_mult=[1, 2, 4, 4], transformer_depth=[1, 1, 1, 0],
+    "full": dict(num_res_blocks=[2, 2, 2, 2], channel_mult=[1, 2, 4, 4], transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0],
                  transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], transformer_depth_middle=1),
 }
 
@@ -44,7 +46,8 @@ def _sd15_unet(size: str = "tiny"):
     return UNetModel(
         image_size=32, in_channels=4, model_channels=320, out_channels=4, num_heads=8,
         use_spatial_transformer=True, context_dim=768, use_linear_in_transformer=False, legacy=False,
-        operations=comfy.ops.disable_weight_init, **SD15_UNETS[size])
+        operations=comfy.ops.disable_weight_init,
+        **copy.deepcopy(SD15_UNETS[size]))  # UNetModel pops from the depth lists
 
 
 def tiny_sd15_state_dict(seed: int = 0, dtype=torch.float16, unet_size: str = "tiny") -> dict[str, torch.Tensor]:
