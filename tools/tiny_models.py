@@ -104,7 +104,7 @@ def build_tiny_sdxl(seed: int = 0, size: str = "tiny"):
         "use_linear_in_transformer": True, "context_dim": 2048, "adm_in_channels": 2816,
         "num_classes": "sequential", "use_temporal_attention": False, "in_channels": 4, "out_channels": 4,
         "num_head_channels": 64, "num_heads": -1, "image_size": 32, "use_spatial_transformer": True,
-        "legacy": False, **SDXL_UNETS[size],
+        "legacy": False, **copy.deepcopy(SDXL_UNETS[size]),
     }
     config = comfy.supported_models.SDXL(unet_config)
     config.set_inference_dtype(torch.float32, None)
