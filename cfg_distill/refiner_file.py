@@ -16,9 +16,15 @@ from safetensors.torch import load_file, save_file
 from .families import FAMILIES, describe_dim, get_family
 from .refiner import DEFAULT_HEADS, PARAMETER_NAMES, DiceRefiner
 
-# Files under a refiner folder that are not refiners: the testbed model's own parts, bundled in
-# weights/testbed/ next to its refiner. Both hosts leave them out of their refiner lists.
-NOT_REFINERS = frozenset({"testbed/unet.safetensors", "testbed/vae.safetensors"})
+# weights/testbed/ holds the testbed model (its UNet, VAE and the refiner trained for it), which the
+# demo and the quality bench load by path. Its refiner suits that toy model only, and the other two
+# files are not refiners, so both hosts leave the folder out of their refiner lists.
+UNLISTED_FOLDERS = ("testbed/",)
+
+
+def listed_refiner(name: str) -> bool:
+    """Whether a refiner-folder file (relative name, any separator) belongs in the hosts' lists."""
+    return not name.replace(os.sep, "/").startswith(UNLISTED_FOLDERS)
 
 FORMAT_NAME = "cfg-distill.dice-refiner"
 FORMAT_VERSION = 1

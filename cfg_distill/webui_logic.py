@@ -25,7 +25,7 @@ import torch
 from .apply import ConditioningError, fuse_tokens, refine_tokens
 from .families import FAMILIES, describe_dim
 from .fusion import repeat_to_length
-from .refiner_file import NOT_REFINERS, LoadedRefiner, RefinerInfo, load_refiner, read_refiner_info, short_hash_of_file
+from .refiner_file import LoadedRefiner, RefinerInfo, listed_refiner, load_refiner, read_refiner_info, short_hash_of_file
 
 # ---------------------------------------------------------------------------------------------
 # Settings
@@ -500,7 +500,7 @@ class RefinerStore:
                     if f.lower().endswith(REFINER_EXTENSIONS) and not f.startswith("."):
                         rel = os.path.relpath(os.path.join(dirpath, f), root)
                         found.add(rel.replace(os.sep, "/"))
-        return sorted(found - NOT_REFINERS, key=str.lower)
+        return sorted(filter(listed_refiner, found), key=str.lower)
 
     def path(self, name: str) -> str:
         """The file a listed name refers to; names never reach outside the folders."""

@@ -7,7 +7,7 @@ import os
 
 import folder_paths
 
-from ..cfg_distill.refiner_file import NOT_REFINERS
+from ..cfg_distill.refiner_file import listed_refiner
 
 FOLDER = "dice_refiners"
 BUNDLED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "weights")
@@ -21,7 +21,7 @@ def register() -> None:
 
 
 def refiner_names() -> list[str]:
-    return [n for n in folder_paths.get_filename_list(FOLDER) if n.replace(os.sep, "/") not in NOT_REFINERS]
+    return [n for n in folder_paths.get_filename_list(FOLDER) if listed_refiner(n)]
 
 
 def refiner_path(name: str) -> str:
