@@ -113,7 +113,8 @@ class TrainDiceRefiner(io.ComfyNode):
                                tooltip="Mixed precision on CUDA GPUs (ignored on CPU)."),
                 io.Boolean.Input("gradient_checkpointing", default=False, optional=True,
                                  tooltip="Recompute the frozen model's blocks in the backward pass instead of "
-                                         "storing them: much less memory, about 30-50% more time per step."),
+                                         "storing them: less memory (SD1.5 at 512 px on CPU: peak 11.6 -> 6.4 "
+                                         "GiB), slower steps (measured +1% to +26%)."),
                 io.Image.Input("images", optional=True, tooltip="Real images to noise, as in the paper."),
                 io.Vae.Input("vae", optional=True, tooltip="Needed with images."),
                 io.String.Input("captions", multiline=True, optional=True, default="",
