@@ -96,7 +96,8 @@ def refine(refiner: DiceRefiner, c: torch.Tensor, uc: torch.Tensor, alpha: float
 
     Long prompts: refiners are trained on 77-token prompts whose start token is kept, so with
     keep_first_token every 77-token chunk keeps its own start token (positions 0, 77, 154, ... when
-    the length is a multiple of 77; see `start_token_positions`). The prompt is refined in one call
+    the length is a multiple of 77; see `start_token_positions`), except where a row repeats the
+    token before it there (A1111's padding of a shorter prompt in a batch). The prompt is refined in one call
     against the whole uc: S's attention takes its queries from c and its keys / values from uc only,
     so each token's correction depends on that token and uc alone, and refining the chunks one by one
     would give the same numbers. For 77 tokens this is the official rule (token 0 kept).
@@ -117,7 +118,11 @@ def refine(refiner: DiceRefiner, c: torch.Tensor, uc: torch.Tensor, alpha: float
         if positions == [0]:
             out = torch.cat([c[:, :1].to(work), out[:, 1:]], dim=1)
         else:
-            keep = torch.zeros(1, c.shape[1], 1, dtype=torch.bool, device=c.device)
-            keep[:, positions] = True
+            keep = torch.zeros(c.shape[0], c.shape[1], 1, dtype=torch.bool, device=c.device)
+            keep[:, 0] = True
+            for p in positions[1:]:
+                # A1111 pads the shorter rows of a batch by repeating their last token vector: such a
+                # position is padding, not a chunk start (a real start token differs from the token before it)
+                keep[:, p, 0] = (c[:, p] != c[:, p - 1]).any(dim=-1)
             out = torch.where(keep, c.to(work), out)
     return out.to(c.dtype)

@@ -72,6 +72,17 @@ def test_77_tokens_unchanged_rule_and_other_lengths():
     assert not any(torch.equal(refine(r, long_c, uc, keep_first_token=False)[:, i], long_c[:, i]) for i in (0, 77))
 
 
+def test_a_row_padded_by_repeating_its_last_token_keeps_only_token_0():
+    # A1111 pads the shorter prompts of a batch to the longest by repeating their last token vector
+    r = _refiner()
+    g = torch.Generator().manual_seed(4)
+    short, long_ = torch.randn(1, 77, 64, generator=g), torch.randn(1, 231, 64, generator=g)
+    c = torch.cat([torch.cat([short, short[:, -1:].repeat(1, 154, 1)], dim=1), long_])
+    out = refine(r, c, torch.randn(1, 77, 64, generator=g))
+    assert [i for i in range(231) if torch.equal(out[0, i], c[0, i])] == [0]
+    assert [i for i in range(231) if torch.equal(out[1, i], c[1, i])] == [0, 77, 154]
+
+
 def test_gradients_skip_the_kept_start_tokens():
     r = _refiner()
     c = torch.randn(1, 154, 64, requires_grad=True)
