@@ -247,7 +247,7 @@ def test_module_names_from_other_places_refused(tmp_path):
         _refused(tmp_path, blob, f"{module}.{name}")
 
 
-def _legacy_storage_record(numel_declared: int, data: bytes, dtype_name="FloatStorage") -> bytes:
+def _legacy_storage_record(numel_declared: int, data: bytes, dtype_name="FloatStorage", location="cpu") -> bytes:
     """torch's legacy torch.save() layout of one storage, with a declared size of our choosing."""
     f = io.BytesIO()
     pickle.dump(0x1950A86A20F9469CFC6C, f, protocol=2)
@@ -258,7 +258,7 @@ def _legacy_storage_record(numel_declared: int, data: bytes, dtype_name="FloatSt
 
     class P(pickle.Pickler):
         def persistent_id(self, obj):
-            return ("storage", storage_type, "0", "cpu", numel_declared) if obj == "S" else None
+            return ("storage", storage_type, "0", location, numel_declared) if obj == "S" else None
     P(f, protocol=2).dump("S")
     pickle.dump(["0"], f, protocol=2)
     f.write(struct.pack("<q", numel_declared) + data)
@@ -284,6 +284,21 @@ class _StorageBytes:
     def __reduce__(self):
         return (torch.storage._load_from_bytes, (self.record,))
 
+
+
+def test_storages_of_gpu_runs_and_half_types_read_on_cpu():
+    # official runs train on GPUs: their storages say "cuda:0"; bf16 / fp16 storages are read too
+    import cfg_distill.official_import as oi
+    values = torch.tensor([1.5, -2.0, 0.25, 3.0])
+    records = [_TensorFrom(_legacy_storage_record(4, values.to(dt).numpy().tobytes() if dt != torch.bfloat16
+                                                  else values.to(dt).view(torch.int16).numpy().tobytes(),
+                                                  name, location="cuda:0"), (2, 2), (2, 1))
+               for dt, name in ((torch.float32, "FloatStorage"), (torch.float16, "HalfStorage"),
+                                (torch.bfloat16, "BFloat16Storage"))]
+    out = oi._Interpreter(io.BytesIO(pickle.dumps(records)), outer=True).run()
+    assert [t.dtype for t in out] == [torch.float32, torch.float16, torch.bfloat16]
+    for t in out:
+        assert t.device.type == "cpu" and torch.equal(t.float(), values.reshape(2, 2))
 
 
 def test_huge_declared_storage_refused(tmp_path):
