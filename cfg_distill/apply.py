@@ -31,7 +31,10 @@ def check_refiner_fits(loaded: LoadedRefiner, token_dim: int, what: str = "posit
 
 
 def refine_tokens(loaded: LoadedRefiner, c: torch.Tensor, uc: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
-    """c + strength * S(c, uc) for [B, T, D] prompt tokens and [1 or B, T', D] negative tokens."""
+    """c + strength * S(c, uc) for [B, T, D] prompt tokens and [1 or B, T', D] negative tokens.
+
+    Long prompts (77-token chunks, from ComfyUI's CLIPTextEncode or a webui's encoder) keep every
+    chunk's start token (see `refiner.refine`), the same rule in both hosts since both call this."""
     check_refiner_fits(loaded, c.shape[-1], "positive")
     check_refiner_fits(loaded, uc.shape[-1], "negative")
     check_finite(c, "positive")
