@@ -67,6 +67,11 @@ if [ ! -f "$STAMP" ]; then
   touch "$STAMP"
 fi
 
+# accelerate (test only: tests/test_official_import.py makes a real bf16 DICE snapshot with it);
+# venvs stamped before it joined test-requirements.txt get it here
+"$VPY" -c "import accelerate" 2>/dev/null || \
+  "${PIP[@]}" install --quiet -c "$CONSTRAINTS" -r "$ROOT/tools/test-requirements.txt"
+
 if [ "${WITH_BROWSER:-0}" = "1" ]; then
   # Browser tests (tests/test_browser.py) drive the real frontend with Debian's chromium through the
   # Python playwright client (from test-requirements.txt). Never run `playwright install`: no
