@@ -214,26 +214,6 @@ def _on_cfg_denoised(params) -> None:
     _restore_skip()  # fallback: the record above did not come (never leave our value past a step)
 
 
-def _on_infotext_pasted(infotext: str, params: dict) -> None:
-    """Paste from infotext: the webui reads each field by its infotext key and converts the value
-    with the component's current value type (None for a refiner dropdown that was empty at start),
-    but passes gr.update dicts through. Put ready updates under our keys."""
-    try:
-        import gradio as gr
-    except ImportError:  # pragma: no cover - API-only hosts have gradio anyway
-        return
-    found = logic.parse_infotext(params)
-    params[logic.INFO_MODE] = found["mode"]  # no key: the image was made with cfg-distill off
-    if found["refiner"] or found["refiner_hash"]:
-        names = STORE.names()
-        name = logic.resolve_refiner(found["refiner"], found["refiner_hash"], names, STORE.short_hash)
-        params[logic.INFO_REFINER] = gr.update(choices=names, value=name) if name else gr.update(choices=names)
-    for key, field in ((logic.INFO_STRENGTH, "strength"), (logic.INFO_NEGATIVE, "negative_as_null"),
-                       (logic.INFO_W, "w")):
-        if key in params:
-            params[key] = gr.update(value=found[field])
-
-
 def _on_script_unloaded() -> None:
     _restore_skip()  # "Reload UI" drops this module's state: never leave our value behind
 
@@ -242,7 +222,6 @@ def _on_script_unloaded() -> None:
 script_callbacks.on_cfg_denoiser(_on_cfg_denoiser)
 if hasattr(script_callbacks, "on_cfg_denoised"):
     script_callbacks.on_cfg_denoised(_on_cfg_denoised)
-script_callbacks.on_infotext_pasted(_on_infotext_pasted)
 script_callbacks.on_script_unloaded(_on_script_unloaded)
 
 
@@ -306,11 +285,13 @@ class CfgDistillScript(scripts.Script):
 
         for component in (mode, refiner, strength, negative, w):
             component.do_not_save_to_config = True  # the refiner list changes; settings come from infotext
-        # Keyed by our infotext names: the webui matches paste_field_names ("send to txt2img")
-        # against these keys; _on_infotext_pasted turns the values into ready gr.update()s.
+        # Paste from infotext reads each field by its key: a string is looked up in the parsed
+        # infotext and converted with the component's value type; a function is called. The webui
+        # matches paste_field_names ("send to txt2img / img2img") against these same keys, so the
+        # functions are module-level: one object shared by both tabs' scripts.
         self.infotext_fields = [
-            (mode, logic.INFO_MODE),
-            (refiner, logic.INFO_REFINER),
+            (mode, _paste_mode),
+            (refiner, _paste_refiner),
             (strength, logic.INFO_STRENGTH),
             (negative, logic.INFO_NEGATIVE),
             (w, logic.INFO_W),
@@ -394,6 +375,23 @@ def _refresh_update(gr, current):
 def _warning_update(gr, mode, cfg_scale):
     text = logic.cfg_warning(mode, cfg_scale)
     return gr.update(value=f"**{text}**" if text else "", visible=bool(text))
+
+
+def _paste_mode(params) -> str:
+    return logic.parse_infotext(params)["mode"]  # no key: the image was made with cfg-distill off
+
+
+def _paste_refiner(params):
+    """A gr.update with the current refiner list: converting the name with the dropdown's value type
+    would fail for a dropdown that was empty (value None) when the page was built."""
+    found = logic.parse_infotext(params)
+    if not found["refiner"] and not found["refiner_hash"]:
+        return None
+    import gradio as gr
+
+    names = STORE.names()
+    name = logic.resolve_refiner(found["refiner"], found["refiner_hash"], names, STORE.short_hash)
+    return gr.update(choices=names, value=name) if name else gr.update(choices=names)
 
 
 def _and_weights(p) -> list[list[float]]:

@@ -72,10 +72,12 @@ def _paste(infotext: str, hide_folder: str | None = None) -> dict:
         button = gr.Button()
         infotext_utils.connect_paste(button, fields, text, None, "txt2img")
     fns = demo.fns.values() if isinstance(demo.fns, dict) else demo.fns
-    fn = list(fns)[-1].fn
+    fn = next(f.fn for f in fns if getattr(f.fn, "__name__", "") == "paste_func")
     updates = fn(infotext)
-    out = {}
+    keys = [k for _, k in fields]
+    out = {"paste_field_names_are_keys": all(n in keys for n in (script.paste_field_names or []))}
     for (component, key), update in zip(fields, updates):
+        key = key if isinstance(key, str) else key.__name__
         out[key] = {k: v for k, v in update.items() if k in ("value", "choices")}
         if "choices" in out[key]:
             out[key]["choices"] = [c[0] if isinstance(c, (list, tuple)) else c for c in out[key]["choices"]]
