@@ -1,7 +1,12 @@
 """The "DICE Training" tab (scripts/cfg_distill_train_tab.py over cfg_distill.webui_training) against
 the webui stand-ins and tiny trainable checkpoints, on both model paths (A1111 apply_model with
 integer t, Forge's k-diffusion UNet patcher): the refiner it writes, its metadata, the held-out gap,
-Interrupt, Resume, the queue lock, shared.state progress and the model's requires_grad flags."""
+Interrupt, Resume, the queue lock, shared.state progress and the model's requires_grad flags.
+
+Why stand-ins still: the real servers (tests/webui/test_webui_training.py) train through
+POST /cfg-distill/train on the real loaded models of A1111 and Forge and check the held-out gap;
+what they cannot cover cheaply is kept here: SDXL dict conditioning (no tiny SDXL loads in the real
+webuis yet), v-prediction models, Interrupt at a chosen step, Resume and its refusals."""
 import html
 import os
 import re

@@ -159,8 +159,10 @@ def test_batch_prompt_editing_and_hires(webui):
     assert calls["rows"] == [2] * 4 and len(out["images"]) == 2
     out, calls = webui.generate("TeEFusion", prompt="[a red circle:a blue square:0.5] on grey")
     assert calls["rows"] == [1] * 4
+    # Forge's API leaves hr_additional_modules None, which its hires pass cannot read: send its default.
+    forge_hr = {"hr_additional_modules": ["Use same choices"]} if webui.forge else {}
     out, calls = webui.generate("DICE", enable_hr=True, hr_scale=1.5, hr_upscaler="Latent", hr_second_pass_steps=2,
-                                denoising_strength=0.6)
+                                denoising_strength=0.6, **forge_hr)
     assert calls["rows"] == [1] * 6, calls
     assert out["info_dict"]["width"] == 96 or "Hires" in _params(out)
 

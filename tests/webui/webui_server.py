@@ -143,7 +143,8 @@ def _start(name: str, tmp_root: str) -> Webui:
     os.makedirs(data)
     _make_data(name, data)
     port = _free_port()
-    log = os.path.join(tmp_root, f"{name}.log")
+    log = os.path.join(ROOT, "test-artifacts", f"webui-{name}.log")  # kept after the run (git-ignored)
+    os.makedirs(os.path.dirname(log), exist_ok=True)
     env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1", HF_HOME=os.path.join(WEBUIS, "hf-cache"),
                HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
                TORCH_NUM_THREADS="1", PYTHONUNBUFFERED="1", COMMANDLINE_ARGS="")
