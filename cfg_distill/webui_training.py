@@ -336,10 +336,10 @@ def trainable_copy(model: torch.nn.Module) -> torch.nn.Module:
         for b in model.buffers():
             memo[id(b)] = b.detach().clone()
         clone = copy.deepcopy(model, memo)
-    for module in clone.modules():
+    for module in list(clone.modules()):  # listed first: the loop replaces children
         module.__dict__.pop("forward", None)
         for name, child in list(module._modules.items()):
-            if isinstance(child, torch.nn.LayerNorm):
+            if isinstance(child, torch.nn.LayerNorm) and not isinstance(module, _CloneInput):
                 module._modules[name] = _CloneInput(child)
     clone.requires_grad_(False)
     left = [n for n, t in [*clone.named_parameters(), *clone.named_buffers()] if t.is_inference()]
