@@ -4,8 +4,9 @@ tools/setup_webuis.sh builds them into .webuis/ (tools/test.sh runs it). One ser
 test session, started on first use with a fresh data folder:
   data/extensions/cfg-distill -> this checkout (the extension under test, linked)
   data/extensions/count-unet  -> tests/webui/count_unet_ext (test-only: counts UNet rows per call)
-  data/models/Stable-diffusion/tiny(.safetensors|.yaml), tiny-inpainting(...)
-  data/models/VAE-taesd/taesd_{decoder,encoder}.pth, data/models/dice_refiners/*.safetensors
+  shared-models/Stable-diffusion/tiny(.safetensors|.yaml), tiny-inpainting(...)  (--ckpt-dir, both)
+  data/models/VAE-taesd -> shared-models/VAE-taesd (taesd_{decoder,encoder}.pth)
+  data/models/dice_refiners/*.safetensors
 Settings that make tiny random models work: TAESD decode / encode (the checkpoint's VAE is a
 TAESD), and emphasis "No norm" (the default turns the empty prompt into NaN with a random text
 encoder).
@@ -16,6 +17,7 @@ import base64
 import io
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -49,24 +51,38 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _make_data(name: str, data: str) -> None:
-    app = os.path.join(WEBUIS, HOSTS[name]["app"])
-    models = os.path.join(data, "models")
-    ckpts = os.path.join(models, "Stable-diffusion")
-    os.makedirs(ckpts, exist_ok=True)
+def _shared_models(tmp_root: str, name: str) -> str:
+    """Checkpoints (+ yaml) and TAESD files, written once per session for both webuis."""
+    shared = os.path.join(tmp_root, "shared-models")
+    if os.path.isdir(shared):
+        return shared
     configs = os.path.join(WEBUIS, HOSTS["a1111"]["app"], "configs")  # the ldm v1 yamls
     if not os.path.isdir(configs):
-        configs = os.path.join(app, "configs")
+        configs = os.path.join(WEBUIS, HOSTS[name]["app"], "configs")
     code = (
         "import os, sys; sys.path.insert(0, sys.argv[1]);"
         "from tests.webui import webui_models as m;"
-        "t = m.write_checkpoint(os.path.join(sys.argv[2], 'tiny.safetensors'), sys.argv[4]);"
-        "m.write_checkpoint(os.path.join(sys.argv[2], 'tiny-inpainting.safetensors'), sys.argv[4], seed=3, inpainting=True);"
-        "m.write_taesd(t, os.path.join(sys.argv[3], 'VAE-taesd'));"
-        "m.write_refiners(os.path.join(sys.argv[3], 'dice_refiners'))"
+        "c = os.path.join(sys.argv[2], 'Stable-diffusion'); os.makedirs(c);"
+        "t = m.write_checkpoint(os.path.join(c, 'tiny.safetensors'), sys.argv[3]);"
+        "m.write_checkpoint(os.path.join(c, 'tiny-inpainting.safetensors'), sys.argv[3], seed=3, inpainting=True);"
+        "m.write_taesd(t, os.path.join(sys.argv[2], 'VAE-taesd'))"
     )
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1")
-    subprocess.run([sys.executable, "-c", code, ROOT, ckpts, models, configs], check=True, env=env, cwd=ROOT)
+    partial = shared + ".partial"
+    subprocess.run([sys.executable, "-c", code, ROOT, partial, configs], check=True, env=env, cwd=ROOT)
+    os.rename(partial, shared)
+    return shared
+
+
+def _make_data(name: str, data: str, shared: str) -> None:
+    models = os.path.join(data, "models")
+    os.makedirs(models, exist_ok=True)
+    os.symlink(os.path.join(shared, "VAE-taesd"), os.path.join(models, "VAE-taesd"))
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from tests.webui import webui_models as m;"
+            "m.write_refiners(sys.argv[2])")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1")
+    subprocess.run([sys.executable, "-c", code, ROOT, os.path.join(models, "dice_refiners")], check=True,
+                   env=env, cwd=ROOT)
     ext = os.path.join(data, "extensions")
     os.makedirs(ext, exist_ok=True)
     os.symlink(ROOT, os.path.join(ext, "cfg-distill"))
@@ -141,7 +157,8 @@ def _start(name: str, tmp_root: str) -> Webui:
                     f"(tools/test.sh does it)")
     data = os.path.join(tmp_root, name)
     os.makedirs(data)
-    _make_data(name, data)
+    shared = _shared_models(tmp_root, name)
+    _make_data(name, data, shared)
     port = _free_port()
     log = os.path.join(ROOT, "test-artifacts", f"webui-{name}.log")  # kept after the run (git-ignored)
     os.makedirs(os.path.dirname(log), exist_ok=True)
@@ -151,7 +168,7 @@ def _start(name: str, tmp_root: str) -> Webui:
     env.pop("PYTHONPATH", None)
     cmd = ["nice", "-n", "10", python, "launch.py", *COMMON_FLAGS, *HOSTS[name]["flags"],
            "--port", str(port), "--data-dir", data,
-           "--ckpt-dir", os.path.join(data, "models", "Stable-diffusion")]
+           "--ckpt-dir", os.path.join(shared, "Stable-diffusion")]
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, cwd=app, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
     ui = Webui(name, f"http://127.0.0.1:{port}", data, proc, log)
@@ -183,6 +200,7 @@ def webui_root(tmp_path_factory):
         except subprocess.TimeoutExpired:
             ui.proc.kill()
     _SERVERS.clear()
+    shutil.rmtree(root, ignore_errors=True)  # ~600 MB of checkpoints: not kept in pytest's basetemp
 
 
 @pytest.fixture(scope="session", params=["a1111", "forge"])
