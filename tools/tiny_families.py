@@ -58,7 +58,8 @@ FAMILY_SPECS = {
         4096, True, 77 + 77, prefix_tokens=77, pooled_dim=2048),
     "pixart_alpha": TinyFamily(
         "pixart", "PixArtAlpha",
-        dict(image_model="pixart_alpha", num_heads=2, patch_size=2, hidden_size=96,  # micro-conditions: 3 x 32 in_channels=4, depth=2,
+        # hidden 96: the size / aspect-ratio micro-conditions take a third of it each
+        dict(image_model="pixart_alpha", num_heads=2, patch_size=2, hidden_size=96, in_channels=4, depth=2,
              model_max_length=120, input_size=32, pe_interpolation=0.5, micro_condition=True),
         4096, False, None, latent_channels=4, latent_hw=(48, 48)),
     "pixart_sigma": TinyFamily(
@@ -124,6 +125,17 @@ FAMILY_SPECS["hunyuan_video_distilled"] = TinyFamily(
     4096, False, None, pooled_dim=768, frames=3, extras={"guidance": 6.0})
 
 
+# Benchmark sizes (random weights, real layouts of released models where CPU time allows):
+# - sd3: SD3.5 Medium's MMDiT-X layout (depth 24, 1536 wide, 2.5B parameters with its x-block self-attention)
+# - wan21_t2v: Wan 2.1 T2V 1.3B (dim 1536, 30 layers, 12 heads, ffn 8960)
+BENCH_CONFIGS = {
+    "sd3": dict(depth=24, adm_in_channels=2048, num_patches=384 * 384, pos_embed_max_size=384, qk_norm="rms",
+                context_embedder_config={"target": "torch.nn.Linear", "params": {"in_features": 4096, "out_features": 1536}},
+                x_block_self_attn_layers=list(range(13))),
+    "wan21_t2v": dict(dim=1536, num_heads=12, ffn_dim=8960, num_layers=30),
+}
+
+
 def comfy_has(spec: TinyFamily) -> bool:
     use_comfy_library()
     import comfy.supported_models
@@ -131,15 +143,16 @@ def comfy_has(spec: TinyFamily) -> bool:
     return hasattr(comfy.supported_models, spec.model_class)
 
 
-def build_family_model(name: str, seed: int = 0):
-    """A ModelPatcher around comfy.supported_models.<class>(tiny config).get_model({}), fp32 on CPU."""
+def build_family_model(name: str, seed: int = 0, bench: bool = False):
+    """A ModelPatcher around comfy.supported_models.<class>(tiny config).get_model({}), fp32 on CPU.
+    bench: the released model's layout from BENCH_CONFIGS instead of the tiny one."""
     use_comfy_library()
     import comfy.model_patcher
     import comfy.supported_models
 
     spec = FAMILY_SPECS[name]
     config_cls = getattr(comfy.supported_models, spec.model_class)
-    config = config_cls(dict(spec.unet_config))
+    config = config_cls({**spec.unet_config, **(BENCH_CONFIGS[name] if bench else {})})
     config.set_inference_dtype(torch.float32, None)
     model = config.get_model({})
     _init_(model.diffusion_model, seed)
