@@ -146,6 +146,26 @@ def comfy_has(spec: TinyFamily) -> bool:
     return hasattr(comfy.supported_models, spec.model_class)
 
 
+# Config fields that later ComfyUI versions added to the Flux-style parameter dataclasses (0.8.0:
+# txt_ids_dims, Chroma's vec_in_dim, HunyuanVideo's meanflow_sum), with the values its detection
+# gives these models. Only passed where the installed version's dataclass has the field.
+NEWER_FIELDS = {"txt_ids_dims": [], "vec_in_dim": None, "meanflow_sum": False}
+PARAMS_CLASSES = {"Chroma": ("comfy.ldm.chroma.model", "ChromaParams"), "Flux": ("comfy.ldm.flux.model", "FluxParams"),
+                  "HunyuanVideo": ("comfy.ldm.hunyuan_video.model", "HunyuanVideoParams")}
+
+
+def _newer_fields(spec: TinyFamily) -> dict:
+    import dataclasses
+    import importlib
+
+    where = PARAMS_CLASSES.get(spec.model_class)
+    if where is None:
+        return {}
+    params = getattr(importlib.import_module(where[0]), where[1])
+    names = {f.name for f in dataclasses.fields(params)}
+    return {k: v for k, v in NEWER_FIELDS.items() if k in names and k not in spec.unet_config}
+
+
 def build_family_model(name: str, seed: int = 0, bench: bool = False):
     """A ModelPatcher around comfy.supported_models.<class>(tiny config).get_model({}), fp32 on CPU.
     bench: the released model's layout from BENCH_CONFIGS instead of the tiny one."""
@@ -155,7 +175,7 @@ def build_family_model(name: str, seed: int = 0, bench: bool = False):
 
     spec = FAMILY_SPECS[name]
     config_cls = getattr(comfy.supported_models, spec.model_class)
-    config = config_cls({**spec.unet_config, **(BENCH_CONFIGS[name] if bench else {})})
+    config = config_cls({**spec.unet_config, **_newer_fields(spec), **(BENCH_CONFIGS[name] if bench else {})})
     config.set_inference_dtype(torch.float32, None)
     model = config.get_model({})
     _init_(model.diffusion_model, seed)
