@@ -106,8 +106,9 @@ class ComfyDistillHost:
         # tiled to a common length (as ComfyUI batches them). DiT text tokens carry positions (RoPE) or
         # masks, so there a batch holds prompts of one shape only (ComfyUI would not concat them either).
         self.tile_prompts = type(self.mp.model.diffusion_model).__name__ == "UNetModel"
-        # Flux-style double / single stream blocks (Chroma, HunyuanVideo) update activations in place.
-        self.inplace_blocks = hasattr(self.mp.model.diffusion_model, "double_blocks")
+        # DiTs: Flux-style blocks (Chroma, HunyuanVideo) update activations in place, and ComfyUI >= 0.8
+        # applies RoPE with kernels that have no backward; see cfg_distill/autograd_safe.py.
+        self.autograd_safe = not self.tile_prompts
         self.x0_prompt: list[int] = []  # which prompt each x0 belongs to
 
     # -- set-up -----------------------------------------------------------------------------------
@@ -179,10 +180,10 @@ class ComfyDistillHost:
     def student(self, batch: Batch, refined_c: torch.Tensor) -> torch.Tensor:
         cond = self._process(_stack_conditioning(refined_c, batch.extra["prompts"]), batch)
         # Checkpointing (optional) trades one extra forward for not storing every block's activations.
-        # out_of_place_updates: DiT blocks that update activations with `x += ...` (Flux-style blocks of
-        # Chroma and HunyuanVideo) would otherwise stop the backward pass into the conditioning.
+        # out_of_place_updates: without it, DiT blocks that update activations with `x += ...` and
+        # RoPE kernels without a backward would stop the backward pass into the conditioning.
         with checkpointed_blocks(self.mp.model.diffusion_model, self.gradient_checkpointing), \
-                out_of_place_updates(self.inplace_blocks):
+                out_of_place_updates(self.autograd_safe):
             denoised = comfy.samplers.calc_cond_batch(self.mp.model, [cond], batch.x_t, batch.sigma,
                                                       self.mp.model_options)[0]
         return self._eps(batch, denoised)

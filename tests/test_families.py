@@ -326,3 +326,20 @@ def test_out_of_place_updates_are_exact_and_let_gradients_through():
         out = block(x)
     out.backward()
     assert torch.equal(out.detach(), block(x.detach())) and x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_rope_kernels_without_backward_are_replaced_exactly():
+    """ComfyUI >= 0.8 applies RoPE with comfy_kitchen ops that have no backward formula."""
+    ck = pytest.importorskip("comfy_kitchen", reason="comfy_kitchen (ComfyUI >= 0.8's kernels) is not installed")
+    from cfg_distill.autograd_safe import out_of_place_updates
+
+    g = torch.Generator().manual_seed(0)
+    x, k, f = torch.randn(2, 3, 5, 8, generator=g), torch.randn(2, 3, 5, 8, generator=g), torch.randn(2, 1, 5, 4, 2, 2, generator=g)
+    ref1, (ref_q, ref_k) = ck.apply_rope1(x, f), ck.apply_rope(x, k, f)
+    xg = x.clone().requires_grad_()
+    with out_of_place_updates():
+        y, (q, kk) = ck.apply_rope1(xg, f), ck.apply_rope(xg, k, f)
+    for a, b in ((y, ref1), (q, ref_q), (kk, ref_k)):
+        assert torch.allclose(a, b, atol=1e-5)
+    (y.sum() + q.sum()).backward()
+    assert xg.grad is not None and torch.isfinite(xg.grad).all()
