@@ -42,8 +42,13 @@ def sinusoidal_embedding(t: torch.Tensor, dim: int = FREQUENCY_DIM, max_period: 
     return emb
 
 
-def guidance_timestep(w: float, batch: int, device=None) -> torch.Tensor:
-    """The timestep-embedder input that carries w: 1000 w per row."""
+def guidance_timestep(w: "float | torch.Tensor", batch: int, device=None) -> torch.Tensor:
+    """The timestep-embedder input that carries w: 1000 w per row (w a number, or one per row)."""
+    if isinstance(w, torch.Tensor):
+        w = w.reshape(-1).to(device, torch.float32)
+        if w.shape[0] != batch:
+            raise ValueError(f"{w.shape[0]} guidance scales for a batch of {batch}")
+        return TIMESTEP_SCALE * w
     return torch.full((batch,), TIMESTEP_SCALE * float(w), dtype=torch.float32, device=device)
 
 
@@ -54,7 +59,7 @@ def teefusion_term(t_emb_w: torch.Tensor, y_emb_diff: torch.Tensor) -> torch.Ten
 
 def fused_pooled_embedding(y_embed: Callable[[torch.Tensor], torch.Tensor],
                            t_embed: Callable[[torch.Tensor], torch.Tensor],
-                           p_c: torch.Tensor, p_null: torch.Tensor, w: float) -> torch.Tensor:
+                           p_c: torch.Tensor, p_null: torch.Tensor, w: "float | torch.Tensor") -> torch.Tensor:
     """y_emb(p_c) + t_emb(1000 w) * y_emb(p_c - p_null) / 256: what the patched pooled embedder returns.
 
     y_embed maps pooled vectors [N, P] to [N, D]; t_embed maps timesteps [N] to [N, D]. p_null is

@@ -7,6 +7,7 @@ from .fusion_nodes import TeEFusionConditioning, TeEFusionModelPatch
 from .evaluate_node import EvaluateDiceRefiner
 from .refiner_nodes import ApplyDiceRefiner, LoadDiceRefiner
 from .training_node import TrainDiceRefiner
+from .teefusion_training import TrainTeEFusion
 
 folders.register()
 
@@ -14,7 +15,7 @@ folders.register()
 class CfgDistillExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         return [LoadDiceRefiner, ApplyDiceRefiner, TeEFusionConditioning, TrainDiceRefiner, EvaluateDiceRefiner,
-                TeEFusionModelPatch]
+                TeEFusionModelPatch, TrainTeEFusion]
 
 
 async def comfy_entrypoint() -> CfgDistillExtension:

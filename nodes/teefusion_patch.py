@@ -22,30 +22,33 @@ Y_EMBEDDER = "diffusion_model.y_embedder"
 class TeEFusionYEmbedder(torch.nn.Module):
     """y -> y_emb(y) + t_emb(1000 w) * y_emb(y - p_null) / 256, with the model's own embedders."""
 
-    def __init__(self, original: torch.nn.Module, t_embedder: torch.nn.Module, p_null: torch.Tensor, w: float):
+    def __init__(self, original: torch.nn.Module, t_embedder: torch.nn.Module, p_null: torch.Tensor, w):
         super().__init__()
         self.mlp = original.mlp  # shared: keeps diffusion_model.y_embedder.mlp.* keys and LoRA patches
         object.__setattr__(self, "original", original)  # not a child: no duplicate keys
         object.__setattr__(self, "t_embedder", t_embedder)
         self.p_null = p_null.detach().clone().float().cpu()
-        self.w = float(w)
+        self.w = w if w is None or isinstance(w, torch.Tensor) else float(w)  # training: None (off) or per row
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
+        if self.w is None:
+            return self.mlp(y)
         t_embed = lambda t: self.t_embedder(t, dtype=y.dtype)  # noqa: E731  (ComfyUI's signature)
         return fused_pooled_embedding(self.mlp, t_embed, y, self.p_null, self.w)
 
     def extra_repr(self) -> str:
-        return f"TeEFusion w={self.w:g}, p_null {tuple(self.p_null.shape)}"
+        return f"TeEFusion w={self.w}, p_null {tuple(self.p_null.shape)}"
 
 
 def _describe(model) -> str:
     return f"{type(model.model).__name__} ({type(model.model.diffusion_model).__name__})"
 
 
-def apply_teefusion_patch(model, p_null: torch.Tensor, w: float):
+def apply_teefusion_patch(model, p_null: torch.Tensor, w, clone: bool = True):
     """A clone of `model` (a ModelPatcher) whose pooled embedder adds TeEFusion's term at scale w.
 
-    Raises ValueError, naming the model, when it has no MMDiT-style timestep + pooled-text embedder."""
+    clone=False patches `model` itself (the trainer's own clone). Raises ValueError, naming the model,
+    when it has no MMDiT-style timestep + pooled-text embedder."""
     diffusion = getattr(model.model, "diffusion_model", None)
     try:
         current = model.get_model_object(Y_EMBEDDER)
@@ -67,6 +70,6 @@ def apply_teefusion_patch(model, p_null: torch.Tensor, w: float):
                          f"embedder takes {in_features}-d vectors: encode \"\" with this model's text encoder")
     if p_null.shape[0] != 1:
         raise ValueError(f"the null conditioning holds {p_null.shape[0]} pooled vectors; give one (the encoding of \"\")")
-    patched = model.clone()
+    patched = model.clone() if clone else model
     patched.add_object_patch(Y_EMBEDDER, TeEFusionYEmbedder(original, t_embedder, p_null, w))
     return patched
