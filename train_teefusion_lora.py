@@ -45,7 +45,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rank", type=int, default=8, help="LoRA rank (default %(default)s)")
     p.add_argument("--steps", type=int, default=2000, help="total optimizer steps (default %(default)s)")
     p.add_argument("--batch-size", type=int, default=4, help="per process (default %(default)s)")
-    p.add_argument("--lr", "--learning-rate", dest="lr", type=float, default=1e-3)
+    p.add_argument("--lr", "--learning-rate", dest="lr", type=float, default=1e-4,
+                   help="AdamW learning rate (LoRA scale alpha / rank = 1; default %(default)g)")
     p.add_argument("--loss", choices=["l2", "l1"], default="l2")
     p.add_argument("--width", type=int, default=512)
     p.add_argument("--height", type=int, default=512)

@@ -187,7 +187,9 @@ class TrainTeEFusion(io.ComfyNode):
                 io.Int.Input("steps", default=2000, min=1, max=1_000_000,
                              tooltip="Total optimizer steps (with resume: the target, not the extra)."),
                 io.Int.Input("batch_size", default=4, min=1, max=512),
-                io.Float.Input("learning_rate", default=1e-3, min=1e-7, max=1.0, step=1e-5),
+                io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=1.0, step=1e-5,
+                               tooltip="AdamW; the LoRA's scale is alpha / rank = 1. Too high oscillates (the "
+                                       "loss curve jumps up and down): lower it."),
                 io.Int.Input("rank", default=8, min=1, max=256, tooltip="LoRA rank."),
                 io.Combo.Input("loss", options=["l2", "l1"], default="l2"),
                 io.Int.Input("width", default=512, min=64, max=4096, step=8),
