@@ -25,7 +25,7 @@ needs_comfy = pytest.mark.skipif(not os.path.isfile(os.path.join(COMFY_DIR, "mai
 # measured values are in testbed/README.md; the margins leave room for other CPUs / torch builds.
 MIN_GAP_QUICK = 20.0  # CFG w=5 minus cfg 1, alignment points (measured 34.4)
 MIN_RECOVERY_QUICK = 0.5  # DICE's share of that gap (measured 0.88 on this subset)
-MIN_TEE_RECOVERY_QUICK = 0.5  # TeEFusion student LoRA at w=5, its share of the CFG w=5 gap (measured below)
+MIN_TEE_RECOVERY_QUICK = 0.6  # TeEFusion student LoRA at w=5, its share of that gap (measured 1.06 on this subset)
 
 
 def _run(args, timeout):
