@@ -250,3 +250,14 @@ def test_example_workflow_uses_stock_sd3_loaders():
     assert source(ks, "positive")["type"] == "CLIPTextEncode"  # unfused tokens
     note = next(n for n in wf["nodes"] if n["type"] == "Note")["widgets_values"][0]
     assert "CC-BY-NC-4.0" in note and "nothing is downloaded" in note
+
+
+@pytest.mark.server
+def test_nodes_are_registered_in_the_real_server(object_info):
+    patch, train = object_info["TeEFusionModelPatch"], object_info["TrainTeEFusion"]
+    assert patch["category"] == train["category"] == "conditioning/cfg-distill"
+    req = patch["input"]["required"]
+    assert [req[k][0] for k in ("model", "w", "null_conditioning")] == ["MODEL", "FLOAT", "CONDITIONING"]
+    assert patch["output"] == ["MODEL"] and "cfg to exactly 1.0" in patch["description"]
+    assert train["output"] == ["MODEL", "STRING", "IMAGE"]
+    assert {"w_min", "w_max", "rank", "lora_name", "resume"} <= set(train["input"]["required"])
