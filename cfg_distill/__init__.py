@@ -18,9 +18,11 @@ __version__ = "0.1.0"
 from .training import (Batch, GapReport, TrainConfig, TrainingDiverged, TrainingState, TrainingStateError,
                        TrainResult, cfg_target, distill_loss, evaluate_gap, load_training_state, new_refiner,
                        save_training_state, train_refiner)
+from .training import RefinerStudent, Student, StudentRun, save_student_state, train_student
 
 __all__ += [
     "Batch", "GapReport", "TrainConfig", "TrainResult", "TrainingDiverged", "TrainingState",
     "TrainingStateError", "cfg_target", "distill_loss", "evaluate_gap",
     "load_training_state", "new_refiner", "save_training_state", "train_refiner",
+    "RefinerStudent", "Student", "StudentRun", "save_student_state", "train_student",
 ]

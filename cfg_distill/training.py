@@ -1,4 +1,6 @@
-"""DICE distillation loop, host-independent (torch, safetensors and numpy only).
+"""The distillation loop, host-independent (torch, safetensors and numpy only). One loop, pluggable
+students: a DICE refiner (train_refiner) or any other set of trainable tensors, e.g. a LoRA on the
+model (train_student with a Student; the TeEFusion student in cfg_distill.teefusion_training).
 
 A refiner S is trained so that ONE pass of the frozen model with c' = c + S(c, uc) matches the
 classifier-free-guided output at scale w. The host supplies three callables, so the loop knows
@@ -29,7 +31,7 @@ import os
 import time
 import warnings
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Protocol
 
 import torch
 import torch.distributed as dist
@@ -44,6 +46,7 @@ _STATE_KEY = "cfg_distill_training"  # metadata entry of the state file, a JSON 
 LOSS_KINDS = ("l1", "l2")
 _AUTOCAST = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
 _ADAM_KEYS = ("exp_avg", "exp_avg_sq", "step")
+REFINER_KIND = "dice-refiner"
 
 
 class TrainingDiverged(ValueError):
@@ -172,14 +175,58 @@ class GapReport:
 class TrainingState:
     """The contents of a training-state file."""
     step: int
-    refiner: dict[str, torch.Tensor]
+    refiner: dict[str, torch.Tensor]  # the student's trainable tensors (a refiner's: official names)
     optimizer: dict[str, torch.Tensor]  # "<param>.exp_avg" / ".exp_avg_sq" / ".step"
     rng: dict[int, dict[str, torch.Tensor]]  # rank -> {"torch_cpu", "generator"[, "cuda"]}
     losses: list[float]
     config: dict
     world_size: int = 1
     scaler: dict | None = None
-    shape: tuple[int, int, int] = (0, 0, 0)  # token_dim, inner_dim, heads
+    shape: tuple = (0, 0, 0)  # the student's signature; a refiner's: token_dim, inner_dim, heads
+    student: str = REFINER_KIND  # Student.kind of the run that wrote it
+
+
+class Student(Protocol):
+    """What the loop trains. The loop owns optimizer, RNG, saving, resume and divergence handling.
+
+    kind:               recorded in the state file; resume refuses a state of another kind
+    named_trainable():  [(name, parameter)] in a fixed order: optimised, and saved under these names
+    predict(batch):     the differentiable one-pass prediction for a batch (compared to the teacher)
+    signature():        JSON-able shape description; resume refuses a state with another one
+    check_batch(batch): optional; raise ValueError before any model pass when the batch cannot fit
+    """
+    kind: str
+
+    def named_trainable(self) -> list[tuple[str, torch.nn.Parameter]]: ...
+
+    def predict(self, batch: Batch) -> torch.Tensor: ...
+
+    def signature(self) -> list: ...
+
+
+class RefinerStudent:
+    """A DiceRefiner as a Student: prediction = the host's one pass with refined tokens."""
+    kind = REFINER_KIND
+
+    def __init__(self, refiner: DiceRefiner, student: Callable[[Batch, torch.Tensor], torch.Tensor],
+                 config: TrainConfig):
+        self.refiner, self.student, self.config = refiner, student, config
+
+    def named_trainable(self):
+        return list(self.refiner.named_parameters())
+
+    def signature(self) -> list:
+        return [self.refiner.token_dim, self.refiner.inner_dim, self.refiner.heads]
+
+    def check_batch(self, batch: Batch) -> None:
+        for what, t in (("prompt", batch.c), ("null", batch.uc)):
+            if t.shape[-1] != self.refiner.token_dim:
+                raise ValueError(f"the {what} tokens are {t.shape[-1]}-d but the refiner is "
+                                 f"{self.refiner.token_dim}-d: token_dim must be the text encoder's width")
+
+    def predict(self, batch: Batch) -> torch.Tensor:
+        refined = refine(self.refiner, batch.c, batch.uc, self.config.alpha, self.config.keep_first_token)
+        return self.student(batch, refined)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -235,13 +282,6 @@ def _any_rank(flag: bool, device: torch.device) -> bool:
     return bool(t.item())
 
 
-def _broadcast_params(module: torch.nn.Module) -> None:
-    if _world()[1] > 1:
-        with torch.no_grad():
-            for p in module.parameters():
-                dist.broadcast(p.data, src=0)
-
-
 def _gather_rng(snapshot: dict[str, torch.Tensor], device: torch.device) -> dict[int, dict[str, torch.Tensor]]:
     """Every rank's RNG states, so that rank 0 can save them all (collective)."""
     rank, world = _world()
@@ -280,8 +320,17 @@ def save_training_state(path: str, refiner: DiceRefiner, optimizer: torch.optim.
                         losses: list[float], rng: dict[int, dict[str, torch.Tensor]], config: TrainConfig,
                         scaler: "torch.amp.GradScaler | None" = None, info: RefinerInfo | None = None) -> None:
     """Atomically write weights + AdamW moments + RNG states + losses as .safetensors (no pickle)."""
-    tensors = {k: v.detach().float() for k, v in refiner.state_dict().items()}
-    for name, p in refiner.named_parameters():
+    save_student_state(path, RefinerStudent(refiner, None, config), optimizer, step=step, losses=losses, rng=rng,
+                       config=config, scaler=scaler, metadata=_refiner_state_info(refiner, config, step, info))
+
+
+def save_student_state(path: str, student: Student, optimizer: torch.optim.Optimizer, *, step: int,
+                       losses: list[float], rng: dict[int, dict[str, torch.Tensor]], config: TrainConfig,
+                       scaler: "torch.amp.GradScaler | None" = None, metadata: dict[str, str] | None = None) -> None:
+    """save_training_state for any Student; metadata: the student's own file metadata (strings)."""
+    named = student.named_trainable()
+    tensors = {k: v.detach().float() for k, v in named}
+    for name, p in named:
         for key, value in optimizer.state.get(p, {}).items():
             if key not in _ADAM_KEYS:
                 raise TrainingStateError(f"unexpected optimizer state {key!r}: only AdamW state is saved")
@@ -291,13 +340,12 @@ def save_training_state(path: str, refiner: DiceRefiner, optimizer: torch.optim.
             tensors[f"rng.rank{rank}.{key}"] = t
     tensors["losses"] = torch.tensor(losses, dtype=torch.float64)
     meta = dict(format=STATE_FORMAT, format_version=STATE_FORMAT_VERSION, step=step,
-                config=config.to_json(), shape=[refiner.token_dim, refiner.inner_dim, refiner.heads],
+                config=config.to_json(), shape=list(student.signature()),
                 world_size=max(rng) + 1 if rng else 1,
                 scaler=scaler.state_dict() if scaler is not None else None)
-    info = replace(info or RefinerInfo(0, 0), token_dim=refiner.token_dim, inner_dim=refiner.inner_dim,
-                   heads=refiner.heads, guidance_scale=float(config.guidance_scale), train_steps=step,
-                   keep_first_token=config.keep_first_token)
-    metadata = {**info.to_metadata(), _STATE_KEY: json.dumps(meta, sort_keys=True)}
+    if student.kind != REFINER_KIND:  # refiner states stay exactly as before
+        meta["student"] = student.kind
+    metadata = {**(metadata or {}), _STATE_KEY: json.dumps(meta, sort_keys=True)}
     atomic_save_safetensors(tensors, path, metadata)
 
 
@@ -321,7 +369,7 @@ def load_training_state(path: str) -> TrainingState:
     state = TrainingState(step=int(meta["step"]), refiner={}, optimizer={}, rng={},
                           losses=tensors.pop("losses").tolist(), config=meta["config"],
                           world_size=int(meta.get("world_size", 1)), scaler=meta.get("scaler"),
-                          shape=tuple(meta["shape"]))
+                          shape=tuple(meta["shape"]), student=meta.get("student", REFINER_KIND))
     for key, t in tensors.items():
         if key.startswith("optim."):
             state.optimizer[key[len("optim."):]] = t
@@ -336,10 +384,10 @@ def load_training_state(path: str) -> TrainingState:
     return state
 
 
-def _load_optimizer(optimizer: torch.optim.Optimizer, refiner: DiceRefiner, saved: dict[str, torch.Tensor]) -> None:
+def _load_optimizer(optimizer: torch.optim.Optimizer, named: list, saved: dict[str, torch.Tensor]) -> None:
     sd = optimizer.state_dict()  # keeps the param groups (lr, betas...) of the current config
     sd["state"] = {}
-    for index, (name, _) in enumerate(refiner.named_parameters()):
+    for index, (name, _) in enumerate(named):
         if f"{name}.exp_avg" in saved:
             sd["state"][index] = {k: saved[f"{name}.{k}"].clone() for k in _ADAM_KEYS}
     optimizer.load_state_dict(sd)
@@ -361,24 +409,21 @@ def _grads_flat(params: list[torch.nn.Parameter]) -> torch.Tensor:
     return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
 
 
-def _train_step(refiner, optimizer, scaler, sample_batch, teacher, student, config: TrainConfig,
+def _train_step(student: Student, optimizer, scaler, sample_batch, teacher, config: TrainConfig,
                 step: int, generator, amp_dtype, device) -> float:
     """One optimizer step over grad_accum micro-batches (and all ranks); returns the global loss."""
     optimizer.zero_grad(set_to_none=True)
-    params = list(refiner.parameters())
+    params = [p for _, p in student.named_trainable()]
     amp = (lambda: torch.autocast("cuda", dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
     total = torch.zeros((), device=device)
     for _ in range(config.grad_accum):
         batch = sample_batch(step, generator)
-        for what, t in (("prompt", batch.c), ("null", batch.uc)):
-            if t.shape[-1] != refiner.token_dim:
-                raise ValueError(f"the {what} tokens are {t.shape[-1]}-d but the refiner is "
-                                 f"{refiner.token_dim}-d: token_dim must be the text encoder's width")
+        if hasattr(student, "check_batch"):
+            student.check_batch(batch)
         with amp():
             with torch.no_grad():
                 target = teacher(batch)
-            refined = refine(refiner, batch.c, batch.uc, config.alpha, config.keep_first_token)
-            pred = student(batch, refined)
+            pred = student.predict(batch)
         loss = distill_loss(pred, target, config.loss) / config.grad_accum
         (scaler.scale(loss) if scaler is not None else loss).backward()
         total += loss.detach().float().to(device)
@@ -430,9 +475,7 @@ def train_refiner(config: TrainConfig,
     config.validate()
     if not isinstance(token_dim, int) or token_dim <= 0:
         raise ValueError(f"token_dim must be a positive integer, the prompt token width (got {token_dim!r})")
-    rank, _ = _world()
     device = torch.device(device)
-    amp_dtype = _autocast_dtype(config, device)
 
     if init is not None:
         if init.token_dim != token_dim:
@@ -442,7 +485,49 @@ def train_refiner(config: TrainConfig,
     else:
         refiner = new_refiner(token_dim, config.inner_dim, config.heads, config.seed)
     refiner.to(device).train().requires_grad_(True)
-    optimizer = torch.optim.AdamW(refiner.parameters(), lr=config.lr, betas=tuple(config.betas),
+    run = train_student(config, RefinerStudent(refiner, student, config), sample_batch, teacher, device=device,
+                        state_path=state_path, resume=resume, should_stop=should_stop, on_step=on_step,
+                        metadata=(lambda step: _refiner_state_info(refiner, config, step, info)))
+    refiner.eval().requires_grad_(False)
+    return TrainResult(refiner=refiner, step=run.step, losses=run.losses, cancelled=run.cancelled,
+                       state_path=run.state_path, resumed_from=run.resumed_from, config=config)
+
+
+def _refiner_state_info(refiner: DiceRefiner, config: TrainConfig, step: int, info: RefinerInfo | None) -> dict:
+    """Refiner metadata for the state file, so that a state also loads as a refiner."""
+    return replace(info or RefinerInfo(0, 0), token_dim=refiner.token_dim, inner_dim=refiner.inner_dim,
+                   heads=refiner.heads, guidance_scale=float(config.guidance_scale), train_steps=step,
+                   keep_first_token=config.keep_first_token).to_metadata()
+
+
+@dataclass
+class StudentRun:
+    """What train_student did; the student's parameters hold the result."""
+    step: int
+    losses: list[float]
+    cancelled: bool
+    state_path: str | None
+    resumed_from: int = 0
+
+
+def train_student(config: TrainConfig, student: Student,
+                  sample_batch: Callable[[int, torch.Generator], Batch],
+                  teacher: Callable[[Batch], torch.Tensor], *,
+                  device: str | torch.device = "cpu", state_path: str | None = None, resume: bool = False,
+                  should_stop: Callable[[], bool] | None = None,
+                  on_step: Callable[[int, int, float, float, float], None] | None = None,
+                  metadata: Callable[[int], dict[str, str]] | None = None) -> StudentRun:
+    """The loop for any Student (train_refiner's state, resume, cancel and divergence rules).
+
+    The student's parameters must be on `device`, trainable and already initialised (the same on
+    every rank, or rank 0's are broadcast). metadata(step) -> extra string metadata of state files."""
+    config.validate()
+    rank, _ = _world()
+    device = torch.device(device)
+    amp_dtype = _autocast_dtype(config, device)
+    named = student.named_trainable()
+    params = [p for _, p in named]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, betas=tuple(config.betas),
                                   weight_decay=config.weight_decay)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype is torch.float16 else None
     generator = torch.Generator().manual_seed(config.seed + rank)  # each rank its own data
@@ -451,12 +536,21 @@ def train_refiner(config: TrainConfig,
     step, losses, resumed = 0, [], False
     if resume and state_path and os.path.exists(state_path):
         state = load_training_state(state_path)
-        shape = (refiner.token_dim, refiner.inner_dim, refiner.heads)
-        if state.shape != shape:
-            raise TrainingStateError(f"{os.path.basename(state_path)!r} holds a refiner of token dim / inner dim / "
-                                     f"heads {state.shape}, this run wants {shape}")
-        refiner.load_state_dict(state.refiner)
-        _load_optimizer(optimizer, refiner, state.optimizer)
+        name = os.path.basename(state_path)
+        if state.student != student.kind:
+            raise TrainingStateError(f"{name!r} is the training state of a {state.student}, this run trains "
+                                     f"a {student.kind}: use another name or resume off")
+        shape = tuple(student.signature())
+        if tuple(state.shape) != shape:
+            what = ("holds a refiner of token dim / inner dim / heads" if student.kind == REFINER_KIND
+                    else f"holds a {state.student} of shape")
+            raise TrainingStateError(f"{name!r} {what} {tuple(state.shape)}, this run wants {shape}")
+        with torch.no_grad():
+            for key, p in named:
+                if key not in state.refiner:
+                    raise TrainingStateError(f"{name!r} has no tensor {key!r}: it was written by a different set-up")
+                p.copy_(state.refiner[key])
+        _load_optimizer(optimizer, named, state.optimizer)
         if scaler is not None and state.scaler:
             scaler.load_state_dict(state.scaler)
         if rank in state.rng:
@@ -464,14 +558,17 @@ def train_refiner(config: TrainConfig,
         else:  # saved by a different world size (or after a crash): new but well-defined streams
             generator.manual_seed(config.seed + rank + 1_000_003 * state.step)
         step, losses, resumed = state.step, list(state.losses), True
-    _broadcast_params(refiner)  # all ranks start from rank 0's weights
+    if _world()[1] > 1:  # all ranks start from rank 0's weights
+        with torch.no_grad():
+            for p in params:
+                dist.broadcast(p.data, src=0)
 
     start_step, started = step, time.monotonic()
 
     def save(rng_by_rank) -> None:
         if rank == 0 and state_path:
-            save_training_state(state_path, refiner, optimizer, step=step, losses=losses, rng=rng_by_rank,
-                                config=config, scaler=scaler, info=info)
+            save_student_state(state_path, student, optimizer, step=step, losses=losses, rng=rng_by_rank,
+                               config=config, scaler=scaler, metadata=metadata(step) if metadata else None)
 
     cancelled = False
     rng_now = _rng_snapshot(generator)  # always the RNG state a run resumed at `step` must start from
@@ -482,7 +579,7 @@ def train_refiner(config: TrainConfig,
             if _any_rank(bool(should_stop()) if should_stop else False, device):
                 cancelled = True
                 break
-            loss = _train_step(refiner, optimizer, scaler, sample_batch, teacher, student, config,
+            loss = _train_step(student, optimizer, scaler, sample_batch, teacher, config,
                                step, generator, amp_dtype, device)
             step += 1
             losses.append(loss)
@@ -503,10 +600,8 @@ def train_refiner(config: TrainConfig,
         raise
     if step > start_step or not resumed:
         save(_gather_rng(rng_now, device))
-    refiner.eval().requires_grad_(False)
-    return TrainResult(refiner=refiner, step=step, losses=losses, cancelled=cancelled,
-                       state_path=state_path if state_path else None,
-                       resumed_from=start_step if resumed else 0, config=config)
+    return StudentRun(step=step, losses=losses, cancelled=cancelled, state_path=state_path if state_path else None,
+                      resumed_from=start_step if resumed else 0)
 
 
 @torch.no_grad()

@@ -1,10 +1,13 @@
-"""TeEFusion: fold the guidance direction into the positive conditioning, e_c + w (e_c - e_neg)."""
+"""TeEFusion nodes: training-free fusion of the conditioning, e_c + w (e_c - e_neg), and the released
+SD3 model's patch (guidance through the block-modulation vector)."""
+import torch
 from comfy_api.latest import io
 
 from ..cfg_distill import ConditioningError
 from ..cfg_distill import fuse_tokens as fuse_embeddings
 from .conditioning import first_tokens, map_entries
 from .refiner_nodes import CFG1_RULE
+from .teefusion_patch import apply_teefusion_patch
 
 
 class TeEFusionConditioning(io.ComfyNode):
@@ -45,3 +48,36 @@ class TeEFusionConditioning(io.ComfyNode):
             return io.NodeOutput(map_entries(positive, fuse_entry))
         except ConditioningError as e:
             raise ValueError(f"TeEFusion Conditioning: {e}") from None
+
+
+class TeEFusionModelPatch(io.ComfyNode):
+    """The released TeEFusion SD3 model's own mechanism: guidance through the block-modulation vector."""
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="TeEFusionModelPatch",
+            display_name="TeEFusion Model Patch",
+            category="conditioning/cfg-distill",
+            description="For MMDiT models (SD3 / SD3.5), e.g. the released TeEFusion SD3 model (AIDC-AI, "
+                        "CC-BY-NC-4.0): adds t_emb(1000 w) * y_emb(p_c - p_null) / 256 to the vector that "
+                        "modulates every block, as the authors' code does. Prompt tokens and pooled vector go "
+                        "in unfused: connect the plain CLIP Text Encode output as positive. " + CFG1_RULE,
+            inputs=[
+                io.Model.Input("model"),
+                io.Float.Input("w", default=5.0, min=0.0, max=30.0, step=0.05,
+                               tooltip="Guidance strength carried by the model (the release's example: 5)."),
+                io.Conditioning.Input("null_conditioning",
+                                      tooltip="CLIP Text Encode of the empty prompt \"\"; its pooled vector is p_null."),
+            ],
+            outputs=[io.Model.Output(display_name="model")],
+        )
+
+    @classmethod
+    def execute(cls, model, w, null_conditioning) -> io.NodeOutput:
+        _tokens, extras = first_tokens(null_conditioning, "null")
+        p_null = extras.get("pooled_output")
+        if not isinstance(p_null, torch.Tensor):
+            raise ValueError("TeEFusion Model Patch: the null conditioning has no pooled_output; connect CLIP Text "
+                             "Encode of \"\" made with the model's own text encoders (SD3: CLIP-L + CLIP-G)")
+        return io.NodeOutput(apply_teefusion_patch(model, p_null, w))

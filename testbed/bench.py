@@ -80,12 +80,12 @@ class Runner:
             self._fast = FastEncoder()
         return self._fast.encode(prompts)
 
-    def sample(self, positive: torch.Tensor, negative: torch.Tensor, cfg: float, steps: int, seed: int):
+    def sample(self, positive: torch.Tensor, negative: torch.Tensor, cfg: float, steps: int, seed: int, model=None):
         """positive [B,77,768] (one row per image), negative [1 or B,77,768] -> (images [B,H,W,3], rows evaluated)."""
         import nodes
 
         rows = [0]
-        m = self.model.clone()
+        m = (model or self.model).clone()
 
         def wrapper(apply_model, args):
             rows[0] += int(args["input"].shape[0])
@@ -151,17 +151,24 @@ def run(args) -> dict:
     if refiner is not None:
         inputs["dice"] = core.refine_tokens(refiner, c, null, 1.0)
         inputs["dice_neg"] = core.refine_tokens(refiner, c, neg, 1.0)
+    # --- TeEFusion student rows (testbed.bench_teefusion) ---
+    from testbed import bench_teefusion
+
+    tee_models = bench_teefusion.setup(runner, core, args.teefusion_lora, c, null, inputs)
+    # --- end TeEFusion ---
     row_combos = [cb for cb in combos for _ in range(S)]
     real = real_features(combos)
     results, images = {}, {}
     chosen = methods(args.quick, refiner is not None)
+    chosen += bench_teefusion.methods(args.quick) if tee_models else []  # TeEFusion student rows
     if args.methods:
-        chosen = [m for m in methods(False, refiner is not None) if m["key"] in args.methods.split(",")]
+        every = methods(False, refiner is not None) + (bench_teefusion.methods(False) if tee_models else [])
+        chosen = [m for m in every if m["key"] in args.methods.split(",")]
     for m in chosen:
         t0 = time.monotonic()
         pos = rep(inputs[m["pos"]])
         negt = inputs["null"] if m["neg"] == "null" else rep(inputs[m["neg"]])
-        imgs, rows = runner.sample(pos, negt, m["cfg"], args.steps, args.seed)
+        imgs, rows = runner.sample(pos, negt, m["cfg"], args.steps, args.seed, model=tee_models.get(m.get("model")))
         sc = judge.score(imgs, row_combos)
         results[m["key"]] = dict(name=m["name"], cfg=m["cfg"], nfe=rows / len(imgs), alignment=sc["alignment"],
                                  all_correct=sc["all_correct"], per_attribute=sc["per_attribute"],
@@ -172,7 +179,9 @@ def run(args) -> dict:
     if "cfg5" in images:
         for k, imgs in images.items():
             results[k]["d_cfg5"] = float(np.sqrt(((imgs - images["cfg5"]) ** 2).mean(axis=(1, 2, 3))).mean())
+    bench_teefusion.rms_to_same_w(results, images)
     summary = summarize(results)
+    bench_teefusion.summarize(results, summary)
     out = dict(prompts=prompts, seeds=S, steps=args.steps, sampler=f"{SAMPLER}/{SCHEDULER}", seed=args.seed,
                split="held-out", refiner=os.path.basename(args.refiner) if refiner is not None else None,
                text_seconds=t_text, results=results, summary=summary)
@@ -213,6 +222,9 @@ def table_markdown(out: dict) -> str:
                          ("teefusion1", "TeEFusion w=1"), ("scaled", "scaled embeddings")):
             if f"recovery_{k}" in s:
                 lines.append(f"{label} recovers {100 * s[f'recovery_{k}']:.0f}% of that gap.")
+    from testbed import bench_teefusion
+
+    lines += bench_teefusion.markdown(out)
     return "\n".join(lines) + "\n"
 
 
@@ -246,6 +258,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--refiner", default=os.path.join(WEIGHTS_DIR, REFINER_FILE))
     ap.add_argument("--ckpt-dir", default=os.path.join(ROOT, "out", "testbed"))
+    ap.add_argument("--teefusion-lora", default=os.path.join(WEIGHTS_DIR, "testbed-teefusion-lora.safetensors"),
+                    help="the TeEFusion student LoRA (rows left out when the file is missing)")
     ap.add_argument("--weights", default=WEIGHTS_DIR, help="folder with the testbed's unet / vae weights")
     ap.add_argument("--methods", default=None, help="comma-separated method keys (default: all)")
     ap.add_argument("--out", default=None)

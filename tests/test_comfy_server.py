@@ -29,7 +29,9 @@ def test_nodes_registered_with_types(object_info):
         assert "cfg to exactly 1.0" in node["description"] and "cfg_pp" in node["description"]
 
 
-@pytest.mark.parametrize("name", sorted(os.listdir(os.path.join(ROOT, "example_workflows"))))
+# SD3 workflows need SD3 text encoders (far too big here); tests/test_teefusion_patch.py checks them.
+@pytest.mark.parametrize("name", sorted(n for n in os.listdir(os.path.join(ROOT, "example_workflows"))
+                                         if "_sd3" not in n))
 def test_example_workflow_runs(server, object_info, name):
     api = shrink_for_tests(to_api(load_workflow(name), object_info))
     ks = api[node_of(api, "KSampler")]["inputs"]

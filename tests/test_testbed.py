@@ -25,6 +25,7 @@ needs_comfy = pytest.mark.skipif(not os.path.isfile(os.path.join(COMFY_DIR, "mai
 # measured values are in testbed/README.md; the margins leave room for other CPUs / torch builds.
 MIN_GAP_QUICK = 20.0  # CFG w=5 minus cfg 1, alignment points (measured 34.4)
 MIN_RECOVERY_QUICK = 0.5  # DICE's share of that gap (measured 0.88 on this subset)
+MIN_TEE_RECOVERY_QUICK = 0.6  # TeEFusion student LoRA at w=5, its share of that gap (measured 1.06 on this subset)
 
 
 def _run(args, timeout):
@@ -144,4 +145,8 @@ def test_quality_regression_quick_table(tmp_path):
     assert r["cfg5"]["nfe"] == 2 * out["steps"] and r["cfg1"]["nfe"] == out["steps"] and r["dice"]["nfe"] == out["steps"]
     assert s["gap_cfg5_minus_cfg1"] >= MIN_GAP_QUICK, s
     assert s["recovery_dice"] >= MIN_RECOVERY_QUICK, s
+    # The committed TeEFusion student LoRA: one pass at cfg 1 with the prompt fused at w=5.
+    if os.path.isfile(os.path.join(WEIGHTS_DIR, "testbed-teefusion-lora.safetensors")):
+        assert r["tee_lora5"]["nfe"] == out["steps"]
+        assert s["recovery_tee_lora5"] >= MIN_TEE_RECOVERY_QUICK, s
     assert (tmp_path / "grid.png").stat().st_size > 0

@@ -31,6 +31,9 @@ OUTPUTS = {
     "DiceRefinerApply": [("positive", "CONDITIONING")],
     "TeEFusionConditioning": [("positive", "CONDITIONING")],
     "Note": [],
+    "EmptySD3LatentImage": [("LATENT", "LATENT")],
+    "UNETLoader": [("MODEL", "MODEL")],
+    "TeEFusionModelPatch": [("model", "MODEL")],
 }
 INPUTS = {  # linked inputs, in socket order
     "CLIPTextEncode": [("clip", "CLIP")],
@@ -40,6 +43,7 @@ INPUTS = {  # linked inputs, in socket order
     "SaveImage": [("images", "IMAGE")],
     "DiceRefinerApply": [("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("refiner", "DICE_REFINER")],
     "TeEFusionConditioning": [("positive", "CONDITIONING"), ("negative", "CONDITIONING")],
+    "TeEFusionModelPatch": [("model", "MODEL"), ("null_conditioning", "CONDITIONING")],
 }
 
 
@@ -113,6 +117,49 @@ def build(ckpt, prompt, negative, size, method, refiner=None, strength=1.0, w=1.
     return g.to_json()
 
 
+TEEFUSION_SD3_NOTE = (
+    "TeEFusion Model Patch: the released TeEFusion SD3 model\n\n"
+    "Weights: AIDC-AI's TeEFusion (a fine-tuned SD3 transformer, license CC-BY-NC-4.0: non-commercial). "
+    "Download them yourself and put them in models/diffusion_models; nothing is downloaded by this pack. "
+    "Text encoders and VAE come from the stock SD3 medium checkpoint (sd3_medium_incl_clips).\n\n"
+    "Connect the PLAIN prompt encoding as positive (TeEFusion's SD3 model takes tokens and pooled vector "
+    "unfused); the patch adds the guidance term w to the block modulation, using the pooled vector of "
+    "\"\" (the empty-prompt encoding) as p_null. The release's example uses w = 5 and 50 Euler steps.\n\n"
+    + CFG1_NOTE.split("\n\n", 1)[1])
+
+
+def build_teefusion_sd3(prompt, w=5.0, seed=42, steps=50, size=1024):
+    """Stock SD3 loaders around the patch: the transformer from UNETLoader, CLIP + VAE from the checkpoint."""
+    g = Graph()
+    ck = g.add("CheckpointLoaderSimple", (0, 300), ["sd3_medium_incl_clips.safetensors"], size=(315, 98),
+               title="SD3 text encoders + VAE")
+    un = g.add("UNETLoader", (0, 120), ["teefusion_sd3.safetensors", "default"], size=(315, 82),
+               title="TeEFusion SD3 transformer (AIDC-AI, CC-BY-NC-4.0)")
+    pos = g.add("CLIPTextEncode", (360, 40), [prompt], title="Prompt", size=(400, 140))
+    null = g.add("CLIPTextEncode", (360, 230), [""], title="Empty prompt \"\" (p_null; also the negative)",
+                 size=(400, 110))
+    g.link(ck, 1, pos, "clip")
+    g.link(ck, 1, null, "clip")
+    patch = g.add("TeEFusionModelPatch", (800, 40), [w], size=(280, 80))
+    g.link(un, 0, patch, "model")
+    g.link(null, 0, patch, "null_conditioning")
+    lat = g.add("EmptySD3LatentImage", (800, 400), [size, size, 1], size=(280, 110))
+    ks = g.add("KSampler", (1120, 120), [seed, "fixed", steps, 1.0, "euler", "simple", 1.0],
+               title="KSampler (cfg 1.0 = one pass per step)", size=(315, 262))
+    g.link(patch, 0, ks, "model")
+    g.link(pos, 0, ks, "positive")
+    g.link(null, 0, ks, "negative")
+    g.link(lat, 0, ks, "latent_image")
+    dec = g.add("VAEDecode", (1480, 120), [], size=(210, 46))
+    g.link(ks, 0, dec, "samples")
+    g.link(ck, 2, dec, "vae")
+    save = g.add("SaveImage", (1720, 120), ["cfg-distill/teefusion_sd3"], size=(400, 430))
+    g.link(dec, 0, save, "images")
+    g.add("Note", (0, 460), [TEEFUSION_SD3_NOTE], title="Read me: TeEFusion SD3", size=(330, 360),
+          color=("#432", "#653"))
+    return g.to_json()
+
+
 WORKFLOWS = {
     "dice_sd15.json": build("v1-5-pruned-emaonly.safetensors",
                             "a red fox sitting in a snowy forest at sunrise, highly detailed", "", 512,
@@ -127,6 +174,7 @@ WORKFLOWS = {
     "teefusion_sd15.json": build("v1-5-pruned-emaonly.safetensors",
                                  "a bowl of ripe peaches on a wooden table, still life", "", 512,
                                  "teefusion", w=1.0),
+    "teefusion_sd3_patch.json": build_teefusion_sd3("a glass teapot with blooming tea, studio photo, soft light"),
 }
 
 

@@ -112,3 +112,28 @@ def build_tiny_sdxl(seed: int = 0, size: str = "tiny"):
     _init_(model.diffusion_model, seed)
     return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"),
                                             offload_device=torch.device("cpu"))
+
+
+def build_tiny_sd3(seed: int = 0, depth: int = 2):
+    """An SD3-architecture MMDiT (ComfyUI's own class: 16-channel latents, 4096-d context, 2048-d pooled
+    y, hidden 64 * depth) wrapped as a ModelPatcher, in fp32 on CPU."""
+    use_comfy_library()
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    hidden = 64 * depth
+    unet_config = {
+        "in_channels": 16, "patch_size": 2, "out_channels": 16, "depth": depth, "input_size": None,
+        "adm_in_channels": 2048, "pos_embed_scaling_factor": None, "x_block_self_attn_layers": [],
+        "context_embedder_config": {"target": "torch.nn.Linear", "params": {"in_features": 4096, "out_features": hidden}},
+        "num_patches": 64, "pos_embed_max_size": 8,
+    }
+    config = comfy.supported_models.SD3(unet_config)
+    config.set_inference_dtype(torch.float32, None)
+    model = config.get_model({})
+    _init_(model.diffusion_model, seed)
+    with torch.no_grad():  # pos_embed is an uninitialised buffer (torch.empty), not a parameter
+        model.diffusion_model.pos_embed.copy_(
+            torch.randn(model.diffusion_model.pos_embed.shape, generator=torch.Generator().manual_seed(seed)) * 0.1)
+    return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"),
+                                            offload_device=torch.device("cpu"))

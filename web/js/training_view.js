@@ -6,7 +6,7 @@ import { app } from "../../../scripts/app.js"; // served at /extensions/<pack>/j
 import { api } from "../../../scripts/api.js";
 
 export const EXTENSION = "cfg_distill.training_view";
-const TRAIN_NODES = new Set(["TrainDiceRefiner"]);
+const TRAIN_NODES = new Set(["TrainDiceRefiner", "TrainTeEFusion"]);
 const MAX_POINTS = 400; // the curve keeps its shape by halving its resolution past this
 const views = new WeakMap(); // node -> view
 
