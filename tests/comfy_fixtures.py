@@ -6,11 +6,14 @@ import pytest
 import torch
 
 from cfg_distill import DiceRefiner, RefinerInfo, save_refiner
-from tools.comfy_env import COMFY_DIR
+from tools.comfy_env import COMFY_DIR, SETUP_HINT
 from tools.comfy_server import ComfyServer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CKPT = "tiny-sd15.safetensors"
+# Torch threads of the test server. One by default: the server shares the machine with pytest, the
+# browser and (in CI) other jobs, and threads competing for busy cores made steps about 10x slower.
+SERVER_THREADS = int(os.environ.get("CFG_DISTILL_SERVER_THREADS", "1"))
 
 
 def _random_refiner(dim, seed, family):
@@ -22,7 +25,7 @@ def _random_refiner(dim, seed, family):
 @pytest.fixture(scope="session")
 def comfy_base(tmp_path_factory):
     if not os.path.isfile(os.path.join(COMFY_DIR, "main.py")):
-        pytest.fail(f"ComfyUI is not installed at {COMFY_DIR}: run `bash tools/setup_env.sh`")
+        pytest.fail(f"ComfyUI is not installed at {COMFY_DIR}: run `{SETUP_HINT}`")
     from tools.tiny_models import write_tiny_sd15
 
     base = tmp_path_factory.mktemp("comfy")
@@ -40,7 +43,7 @@ def comfy_base(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def server(comfy_base):
-    srv = ComfyServer(str(comfy_base)).start()
+    srv = ComfyServer(str(comfy_base), threads=SERVER_THREADS).start()
     yield srv
     srv.stop()
 
