@@ -215,6 +215,9 @@ class ComfyServer:
         """time.monotonic() of the last websocket message the server sent this harness."""
         return self._listener.last if self._listener else time.monotonic()
 
+    def messages_received(self) -> int:
+        return self._listener.messages if self._listener else 0
+
     def until(self, done, what: str, activity=(), idle_timeout: float | None = None,
               timeout: float | None = None, sleep=time.sleep):
         """Poll `done()` until it returns something truthy (returned). Fails when the server sends no
