@@ -88,7 +88,7 @@ class Frontend:
                 self.page.wait_for_function(
                     "names => !!(window.app && app.graph && app.canvas && window.LiteGraph && "
                     "names.every(n => app.extensions.some(e => e.name === n)))", arg=list(EXTENSIONS),
-                    timeout=90_000)
+                    timeout=180_000)  # a loaded machine: the bundle alone takes a while to parse
             except Exception as e:
                 raise RuntimeError(f"the frontend did not start with our extensions ({e}); page errors: "
                                    f"{self.errors}; console: {self.console[-20:]}") from None
