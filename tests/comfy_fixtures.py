@@ -1,12 +1,14 @@
 """Session fixtures: a real ComfyUI server with this pack and a tiny generated SD1.5 checkpoint."""
 import json
 import os
+import sys
 
 import pytest
 import torch
 
 from cfg_distill import DiceRefiner, RefinerInfo, save_refiner
-from tools.comfy_env import COMFY_DIR, SETUP_HINT
+from tools.comfy_env import (COMFY_DIR, FRONTEND_ROOT, SETUP_HINT, comfyui_version, frontend_version,
+                              pinned_frontend)
 from tools.comfy_server import ComfyServer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,6 +28,11 @@ def _random_refiner(dim, seed, family):
 def comfy_base(tmp_path_factory):
     if not os.path.isfile(os.path.join(COMFY_DIR, "main.py")):
         pytest.fail(f"ComfyUI is not installed at {COMFY_DIR}: run `{SETUP_HINT}`")
+    if not FRONTEND_ROOT and frontend_version() != pinned_frontend():
+        # The server runs with this python: it must be the venv set up for the selected tree.
+        pytest.fail(f"{sys.executable} has comfyui-frontend-package {frontend_version()}, but ComfyUI "
+                    f"{comfyui_version()} at {COMFY_DIR} pins {pinned_frontend()}: run the tests with that "
+                    "tree's venv (.venv for 0.3.75, .venv-comfy080 for 0.8.0; see tools/test.sh)")
     from tools.tiny_models import write_tiny_sd15
 
     base = tmp_path_factory.mktemp("comfy")

@@ -31,6 +31,16 @@ def comfyui_version(comfy_dir: str = COMFY_DIR) -> str:
         return "unknown"
 
 
+def pinned_frontend(comfy_dir: str = COMFY_DIR) -> str | None:
+    """The comfyui-frontend-package version the tree's requirements.txt pins."""
+    try:
+        with open(os.path.join(comfy_dir, "requirements.txt")) as f:
+            m = re.search(r"^comfyui-frontend-package==(\S+)", f.read(), re.M)
+        return m.group(1) if m else None
+    except OSError:
+        return None
+
+
 def frontend_version() -> str:
     """The frontend build the server will serve: the package that holds FRONTEND_ROOT, else the
     comfyui-frontend-package installed in this venv (what ComfyUI serves by default)."""
