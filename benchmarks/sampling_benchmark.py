@@ -6,6 +6,8 @@ the documented unet-function-wrapper hook, never assumed.
     python benchmarks/sampling_benchmark.py --quick          # tiny model; checks call counts (CI)
     python benchmarks/sampling_benchmark.py                  # tiny + SD1.5-size (256, 512 px)
     python benchmarks/sampling_benchmark.py --sdxl           # adds an SDXL-size UNet at 512 px
+    python benchmarks/sampling_benchmark.py --no-sd15 --family sd3:512 --family wan21_t2v:256:9
+                                                             # DiT families (tools/tiny_families.py BENCH_CONFIGS)
 
 Prints markdown tables and writes a JSON record (machine, torch, device, dtype, date) next to
 --out. Random weights: speed is what is measured, not image quality.
@@ -68,10 +70,11 @@ def timed(fn, *a, **k):
 class Case:
     """One model at one size and batch: encode / refine / sample / decode for each method."""
 
-    def __init__(self, label, model, clip, vae, size, batch, steps, token_dim, conds=None):
+    def __init__(self, label, model, clip, vae, size, batch, steps, token_dim, conds=None, latent=None):
         self.label, self.model, self.clip, self.vae = label, model, clip, vae
         self.size, self.batch, self.steps, self.token_dim = size, batch, steps, token_dim
         self.conds = conds  # pre-made (positive, negative) when there is no text encoder (SDXL-size)
+        self.latent = latent or (4, size // 8, size // 8)  # per-image latent shape (video: C, frames, h, w)
         torch.manual_seed(0)
         from cfg_distill import DiceRefiner, LoadedRefiner, RefinerInfo
 
@@ -104,7 +107,7 @@ class Case:
                                 fuse_tokens=True, fuse_pooled=True)
             pos, cfg = res.result[0], 1.0
         counter = CallCounter(self.model)
-        latent = {"samples": torch.zeros(self.batch, 4, self.size // 8, self.size // 8)}
+        latent = {"samples": torch.zeros(self.batch, *self.latent)}
         out, t_sample = timed(nodes.common_ksampler, counter.model, SEED, steps, cfg, SAMPLER, SCHEDULER,
                               pos, neg, latent)
         t_decode = 0.0
@@ -204,6 +207,10 @@ def main() -> int:
     ap.add_argument("--sd15-repeats", type=int, default=None, help="repeats for the SD1.5 / SDXL-size rows "
                     "(default --repeats)")
     ap.add_argument("--no-sd15", action="store_true")
+    ap.add_argument("--family", action="append", default=[], metavar="NAME:PX[:FRAMES]",
+                    help="a DiT family at a released model's layout (tools/tiny_families.py BENCH_CONFIGS: sd3, "
+                         "wan21_t2v), synthetic conds shaped like its text encoder's; FRAMES in video frames")
+    ap.add_argument("--family-steps", type=int, default=3)
     ap.add_argument("--out", default=os.path.join(ROOT, "out", "bench"))
     args = ap.parse_args()
     if args.quick:
@@ -218,14 +225,14 @@ def main() -> int:
     results = []
     batches = [int(b) for b in args.batches.split(",")]
 
-    def add(label, path_or_model, sizes, steps, token_dim=768, conds=None, repeats=None):
+    def add(label, path_or_model, sizes, steps, token_dim=768, conds=None, repeats=None, latent=None):
         if isinstance(path_or_model, str):
             model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(path_or_model)
         else:
             model, clip, vae = path_or_model, None, None
         for size in sizes:
             for b in batches:
-                case = Case(label, model, clip, vae, size, b, steps, token_dim, conds)
+                case = Case(label, model, clip, vae, size, b, steps, token_dim, conds, latent)
                 print(f"... {label} {size}px batch {b}", file=sys.stderr, flush=True)
                 results.append((label, case, bench(case, repeats or args.repeats, refiner_nodes, fusion_nodes)))
 
@@ -247,6 +254,23 @@ def main() -> int:
         neg = [[torch.randn(1, 77, 2048, generator=g), {"pooled_output": torch.randn(1, 1280, generator=g), **extras}]]
         add("SDXL-size UNet (2.6B), random conds", build_tiny_sdxl(size="full"), [512], args.sdxl_steps,
             token_dim=2048, conds=(pos, neg), repeats=args.sd15_repeats)
+
+    for item in args.family:
+        from tools.tiny_families import FAMILY_SPECS, FamilyEncoder, build_family_model
+
+        name, px, *frames = item.split(":")
+        px, spec = int(px), FAMILY_SPECS[name]
+        model = build_family_model(name, bench=True)
+        params = sum(p.numel() for p in model.model.diffusion_model.parameters())
+        enc = FamilyEncoder(name)
+        pos, neg = [[*enc.encode([3, 1, 4, 1, 5, 9, 2, 6])]], [[*enc.encode([])]]
+        if spec.frames is not None:
+            n = int(frames[0]) if frames else 1
+            latent, what = (spec.latent_channels, (n - 1) // 4 + 1, px // 8, px // 8), f"{n} frames"
+        else:
+            latent, what = (spec.latent_channels, px // 8, px // 8), "image"
+        add(f"{name} ({params / 1e9:.2f}B, {what}), synthetic conds", model, [px], args.family_steps,
+            token_dim=spec.token_dim, conds=(pos, neg), repeats=args.sd15_repeats, latent=latent)
 
     record = machine_record(args)
     record["results"] = [{"model": label, "px": c.size, "batch": c.batch, "steps": c.steps, "runs": runs}

@@ -19,7 +19,11 @@ def _import_official(args) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     inner, dim = state["fc1.weight"].shape
-    refiner = DiceRefiner(dim, inner, args.heads)
+    try:
+        refiner = DiceRefiner(dim, inner, args.heads)
+    except ValueError as e:
+        print(f"error: {e}; pass --heads with a divisor of {inner} (official: 8)", file=sys.stderr)
+        return 2
     refiner.load_state_dict(state)
     family = FAMILIES[args.family]
     info = RefinerInfo(token_dim=dim, inner_dim=inner, heads=args.heads, base_family=args.family,
@@ -48,7 +52,8 @@ def _info(args) -> int:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m cfg_distill")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    imp = sub.add_parser("import-official", help="convert an official DICE .pkl safely (no code runs)")
+    imp = sub.add_parser("import-official", help="convert an official DICE .pkl safely (no code runs); "
+                         "snapshots of bf16 (accelerate mixed precision) runs included")
     imp.add_argument("input")
     imp.add_argument("output")
     imp.add_argument("--family", default="unknown", choices=sorted(FAMILIES))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .families import describe_dim
+from .families import FAMILIES, conditioning_mismatch, describe_dim, families_from_conditioning
 from .fusion import fuse
 from .refiner import refine
 from .refiner_file import LoadedRefiner
@@ -30,10 +30,33 @@ def check_refiner_fits(loaded: LoadedRefiner, token_dim: int, what: str = "posit
             f"{describe_dim(token_dim)} tokens. Load a refiner trained for this base model.".replace("  ", " "))
 
 
-def refine_tokens(loaded: LoadedRefiner, c: torch.Tensor, uc: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
-    """c + strength * S(c, uc) for [B, T, D] prompt tokens and [1 or B, T', D] negative tokens."""
+def check_family_fits(loaded: LoadedRefiner, token_dim: int, extras: dict, what: str = "positive") -> None:
+    """Same token width is not enough: SD3, PixArt, HiDream, Wan, HunyuanVideo all use 4096-d tokens.
+    The keys the text encoder adds (pooled width, extra token tensors) tell most of them apart."""
+    why = conditioning_mismatch(loaded.info.base_family, token_dim, extras)
+    if why:
+        fam = FAMILIES[loaded.info.base_family]
+        could = [FAMILIES[k].label.split(" (")[0] for k in families_from_conditioning(token_dim, extras)]
+        hint = f" It looks like {' / '.join(could)} conditioning." if could else ""
+        raise ConditioningError(
+            f"refiner {loaded.name or ''} was trained for {fam.label}, but the {what} conditioning does not come "
+            f"from that family's text encoder: {why}.{hint} Load a refiner trained for this base model."
+            .replace("  ", " "))
+
+
+def refine_tokens(loaded: LoadedRefiner, c: torch.Tensor, uc: torch.Tensor, strength: float = 1.0,
+                  extras: dict | None = None, neg_extras: dict | None = None) -> torch.Tensor:
+    """c + strength * S(c, uc) for [B, T, D] prompt tokens and [1 or B, T', D] negative tokens.
+    extras / neg_extras: the conditioning's other keys, checked against the refiner's family.
+
+    Long prompts (77-token chunks, from ComfyUI's CLIPTextEncode or a webui's encoder) keep every
+    chunk's start token (see `refiner.refine`), the same rule in both hosts since both call this."""
     check_refiner_fits(loaded, c.shape[-1], "positive")
     check_refiner_fits(loaded, uc.shape[-1], "negative")
+    if extras is not None:
+        check_family_fits(loaded, c.shape[-1], extras, "positive")
+    if neg_extras is not None:
+        check_family_fits(loaded, uc.shape[-1], neg_extras, "negative")
     check_finite(c, "positive")
     check_finite(uc, "negative")
     module = loaded.module

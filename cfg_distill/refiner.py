@@ -75,9 +75,32 @@ class DiceRefiner(nn.Module):
         return self
 
 
+# CLIP text encoders (SD1.x / SD2.x / SDXL; ComfyUI and both webuis) encode a prompt longer than 75
+# tokens as 77-token chunks, each with its own start-of-text token, concatenated.
+CHUNK_TOKENS = 77
+
+
+def start_token_positions(num_tokens: int) -> list[int]:
+    """Positions of the start-of-text tokens in a [.., num_tokens, ..] CLIP encoding.
+
+    A multiple of 77 tokens is read as 77-token chunks (0, 77, 154, ...); any other length has one
+    start token, at 0."""
+    if num_tokens >= CHUNK_TOKENS and num_tokens % CHUNK_TOKENS == 0:
+        return list(range(0, num_tokens, CHUNK_TOKENS))
+    return [0]
+
+
 def refine(refiner: DiceRefiner, c: torch.Tensor, uc: torch.Tensor, alpha: float = 1.0,
            keep_first_token: bool = True) -> torch.Tensor:
-    """c_refined = c + alpha * S(c, uc), with the start-of-text token kept when the family has one.
+    """c_refined = c + alpha * S(c, uc), with the start-of-text tokens kept when the family has them.
+
+    Long prompts: refiners are trained on 77-token prompts whose start token is kept, so with
+    keep_first_token every 77-token chunk keeps its own start token (positions 0, 77, 154, ... when
+    the length is a multiple of 77; see `start_token_positions`), except where a row repeats the
+    token before it there (A1111's padding of a shorter prompt in a batch). The prompt is refined in one call
+    against the whole uc: S's attention takes its queries from c and its keys / values from uc only,
+    so each token's correction depends on that token and uc alone, and refining the chunks one by one
+    would give the same numbers. For 77 tokens this is the official rule (token 0 kept).
 
     Runs the refiner in its own parameter dtype on c's device and returns c's dtype, so fp16 / bf16
     conditioning is refined with fp32 maths. Differentiable (the trainer uses it too).
@@ -91,5 +114,15 @@ def refine(refiner: DiceRefiner, c: torch.Tensor, uc: torch.Tensor, alpha: float
     delta = refiner(c.to(param.device, work), uc.to(param.device, work)).to(c.device)
     out = c.to(work) + alpha * delta
     if keep_first_token:
-        out = torch.cat([c[:, :1].to(work), out[:, 1:]], dim=1)
+        positions = start_token_positions(c.shape[1])
+        if positions == [0]:
+            out = torch.cat([c[:, :1].to(work), out[:, 1:]], dim=1)
+        else:
+            keep = torch.zeros(c.shape[0], c.shape[1], 1, dtype=torch.bool, device=c.device)
+            keep[:, 0] = True
+            for p in positions[1:]:
+                # A1111 pads the shorter rows of a batch by repeating their last token vector: such a
+                # position is padding, not a chunk start (a real start token differs from the token before it)
+                keep[:, p, 0] = (c[:, p] != c[:, p - 1]).any(dim=-1)
+            out = torch.where(keep, c.to(work), out)
     return out.to(c.dtype)

@@ -95,6 +95,32 @@ INFO_STRENGTH = "DICE strength"
 INFO_NEGATIVE = "DICE negative as null"
 INFO_W = "TeEFusion w"
 INFOTEXT_KEYS = (INFO_MODE, INFO_REFINER, INFO_REFINER_HASH, INFO_STRENGTH, INFO_NEGATIVE, INFO_W)
+# Why the mode was not (fully) applied: written into the infotext, so API users (whose responses
+# carry the infotext and extra_generation_params, never the console) learn it too.
+INFO_NOTE = "CFG distill note"
+
+
+def add_note(extra_params: dict, text: str) -> None:
+    """Append one message to the note entry of p.extra_generation_params (several join with ' | ')."""
+    old = extra_params.get(INFO_NOTE)
+    extra_params[INFO_NOTE] = text if not old or text in old else f"{old} | {text}"
+
+
+def and_prompt_problem(weights_per_prompt: Sequence[Sequence[float]]) -> str | None:
+    """Why AND-prompts cannot run at CFG 1 with one pass per step, or None when they can.
+
+    Composable diffusion is uncond + cfg * sum_i w_i (c_i - uncond). At CFG 1 that needs the
+    negative pass unless the weights sum to 1 (then it is sum_i w_i c_i): A1111 under the skip puts
+    the first subprompt in place of the negative, Forge a zero negative, and both give the right
+    image exactly when the weights sum to 1. Otherwise refuse rather than compose wrongly."""
+    for weights in weights_per_prompt:
+        if len(weights) > 1 and not math.isclose(sum(weights), 1.0, rel_tol=0, abs_tol=1e-6):
+            listed = " + ".join(f"{w:g}" for w in weights)
+            return (f"AND-prompts at CFG 1 are exact only when their weights sum to 1 (here {listed} = "
+                    f"{sum(weights):g}): one pass per step has no negative to compose them against. "
+                    f"Weight the subprompts to sum 1 (e.g. 'a :0.5 AND b :0.5'), or turn cfg-distill off "
+                    f"and use CFG for this prompt.")
+    return None
 
 
 def infotext_params(settings: Settings, refiner_hash: str = "") -> dict:

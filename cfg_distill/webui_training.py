@@ -23,6 +23,7 @@ Imports only torch, numpy and the cfg_distill core (never the webui's `modules`)
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import os
 import re
@@ -38,8 +39,8 @@ from .fusion import repeat_to_length
 from .plot import loss_curve_image
 from .prompts import default_prompts
 from .refiner_file import RefinerFileError, RefinerInfo, read_refiner_info, save_refiner
-from .training import (Batch, TrainConfig, TrainingDiverged, TrainingStateError, TrainResult, cfg_target,
-                       train_refiner)
+from .training import (Batch, GapReport, TrainConfig, TrainingDiverged, TrainingStateError, TrainResult,
+                       cfg_target, evaluate_gap, train_refiner)
 
 DEFAULT_GUIDANCE = 5.0
 DEFAULT_STEPS = 2000
@@ -286,11 +287,13 @@ class WebuiModel:
 
 @contextlib.contextmanager
 def frozen(*modules: torch.nn.Module):
-    """requires_grad_(False) on every parameter for the run; each flag restored afterwards."""
+    """requires_grad_(False) on every parameter for the run; each flag restored afterwards.
+    Inference tensors (Forge) are left alone: their flag cannot be set and is always False, and a
+    failing restore must never hide the error that ended the run."""
     saved, seen = [], set()
     for module in modules:
         for p in module.parameters():
-            if id(p) not in seen:
+            if id(p) not in seen and not p.is_inference():
                 seen.add(id(p))
                 saved.append((p, p.requires_grad))
     try:
@@ -299,7 +302,50 @@ def frozen(*modules: torch.nn.Module):
         yield
     finally:
         for p, flag in saved:
-            p.requires_grad_(flag)
+            try:
+                p.requires_grad_(flag)
+            except RuntimeError:  # pragma: no cover - nothing else may go wrong here
+                pass
+
+
+class _CloneInput(torch.nn.Module):
+    """A LayerNorm that normalises a copy of its input: the transformer block that calls it adds
+    its residual into that input in place (x += n), which would change what the norm saved for
+    backward. Used in training copies only."""
+
+    def __init__(self, norm: torch.nn.Module):
+        super().__init__()
+        self.norm = norm
+
+    def forward(self, x):
+        return self.norm(x.clone())
+
+
+def trainable_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A frozen copy of a loaded model that autograd can differentiate through; the original (the
+    one generation uses) is not changed.
+
+    Forge loads every model under torch.inference_mode(): its parameters are inference tensors,
+    which no backward may save. The copy gets ordinary clones of them (one extra copy of the UNet in
+    memory for the run), its LayerNorms see copies of their inputs (Forge's transformer blocks add
+    residuals in place), and instance-level forward wrappers (which call the original) are dropped."""
+    with torch.inference_mode(False):
+        memo = {}
+        for p in model.parameters():
+            memo[id(p)] = torch.nn.Parameter(p.detach().clone(), requires_grad=False)
+        for b in model.buffers():
+            memo[id(b)] = b.detach().clone()
+        clone = copy.deepcopy(model, memo)
+    for module in list(clone.modules()):  # listed first: the loop replaces children
+        module.__dict__.pop("forward", None)
+        for name, child in list(module._modules.items()):
+            if isinstance(child, torch.nn.LayerNorm) and not isinstance(module, _CloneInput):
+                module._modules[name] = _CloneInput(child)
+    clone.requires_grad_(False)
+    left = [n for n, t in [*clone.named_parameters(), *clone.named_buffers()] if t.is_inference()]
+    if left:
+        raise TrainTabError(f"could not make a trainable copy of the model: {left[0]} is still an inference tensor")
+    return clone
 
 
 # ---------------------------------------------------------------------------------------------
@@ -427,6 +473,7 @@ class TrainOutcome:
     path: str | None = None
     state_path: str | None = None
     family: str = ""
+    gap: GapReport | None = None  # held-out gap (eval_prompts), refined vs plain cfg 1
 
     def image(self) -> np.ndarray:
         """Loss curve as uint8 [H, W, 3] (gradio shows numpy images in both 3.41 and 4.40)."""
@@ -470,12 +517,14 @@ def train_in_webui(request: TrainRequest, model: WebuiModel, *, folder: str,
                    should_stop: Callable[[], bool] | None = None,
                    on_step: Callable[[int, int, float, float, float], None] | None = None,
                    on_status: Callable[[str], None] | None = None,
-                   base_checkpoint: str = "", base_hash: str = "") -> TrainOutcome:
+                   base_checkpoint: str = "", base_hash: str = "",
+                   eval_prompts: Sequence[str] | None = None, eval_batches: int = 4) -> TrainOutcome:
     """Encode, make the training latents, train (resumable, interruptible) and save the refiner.
 
     should_stop() is polled while latents are made and before every step: a stop during training
     saves what was learned (refiner and state); a stop before training saves nothing. Errors the
-    user can fix come back as a not-ok outcome with the message; anything else propagates."""
+    user can fix come back as a not-ok outcome with the message; anything else propagates.
+    eval_prompts: held-out prompts on which the trained refiner's gap to CFG is measured (outcome.gap)."""
     status = on_status or (lambda text: None)
     path = os.path.join(folder, request.name + ".safetensors")
     state_path = state_path_for(folder, request.name)
@@ -510,23 +559,39 @@ def train_in_webui(request: TrainRequest, model: WebuiModel, *, folder: str,
                 result = train_refiner(config, host.sample_batch, host.teacher, host.student, token_dim=token_dim,
                                        device=host.device, state_path=state_path, resume=request.resume,
                                        should_stop=should_stop, on_step=on_step, info=info)
+                gap = None
+                if eval_prompts:
+                    status("Measuring the held-out gap...")
+                    gap = held_out_gap(model, result.refiner, eval_prompts, null, request, config, eval_batches)
     except (TrainTabError, TrainingStateError) as e:
         return TrainOutcome(False, str(e), total=request.steps)
     except TrainingDiverged as e:
         return TrainOutcome(False, f"{e} The refiner file was not changed.", total=request.steps)
-    except RuntimeError as e:
-        if "nference tensor" in str(e):
-            raise RuntimeError(f"{e}\n[cfg-distill] the loaded model holds inference-mode tensors that autograd "
-                               "cannot differentiate through; reload the checkpoint (no LoRA in the last "
-                               "generation) and train again.") from e
-        raise
     refiner = result.refiner.cpu().eval().requires_grad_(False)
     save_refiner(path, refiner, result.info(base_family=family, base_checkpoint=base_checkpoint,
                                             base_hash=base_hash))
     message = _summary(request, result, path, state_path, time.monotonic() - started, resumed_at, had_state)
+    if gap is not None:
+        message += (f"\nHeld-out gap to CFG w={request.guidance_scale:g} on {len(eval_prompts)} prompts: refined "
+                    f"{gap.refined:.4g} vs plain cfg 1 {gap.baseline:.4g} (ratio {gap.ratio:.3f}).")
     return TrainOutcome(True, message,
                         losses=list(result.losses), step=result.step, total=request.steps,
-                        cancelled=result.cancelled, path=path, state_path=state_path, family=family)
+                        cancelled=result.cancelled, path=path, state_path=state_path, family=family, gap=gap)
+
+
+def held_out_gap(model: WebuiModel, refiner, prompts: Sequence[str], null: Encoded, request: TrainRequest,
+                 config: TrainConfig, batches: int) -> GapReport:
+    """The refined one-pass eps against the CFG target, and plain cfg 1 against it, on noised
+    latents of prompts not trained on (their latents from the model itself, a fixed seed)."""
+    with torch.no_grad():
+        host = WebuiDistillHost(model, encode_prompts(model, list(prompts)), null, request.guidance_scale,
+                                request.batch_size)
+        hw = (request.resolution // 8, request.resolution // 8)
+        host.make_latents(len(host.prompts), hw, request.seed + 10_000, request.x0_steps)
+        g = torch.Generator().manual_seed(request.seed + 20_000)
+        data = [host.sample_batch(k, g) for k in range(batches)]
+    return evaluate_gap(refiner.to(host.device), data, host.teacher, host.student, loss=request.loss,
+                        keep_first_token=config.keep_first_token)
 
 
 def _latents(host: WebuiDistillHost, model: WebuiModel, request: TrainRequest, should_stop, status) -> bool:

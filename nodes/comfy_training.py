@@ -21,6 +21,7 @@ import comfy.sample
 import comfy.sampler_helpers
 import comfy.samplers
 
+from ..cfg_distill.autograd_safe import out_of_place_updates
 from ..cfg_distill.checkpointing import checkpointed_blocks
 from ..cfg_distill.fusion import repeat_to_length
 from ..cfg_distill.training import Batch
@@ -58,13 +59,25 @@ def encode_prompts(clip, prompts: list[str]) -> list[EncodedPrompt]:
 
 
 def _stack_conditioning(tokens: torch.Tensor, prompts: list[EncodedPrompt]) -> list:
-    """One ComfyUI conditioning entry for a batch: tokens [B, T, D], pooled stacked, other keys
-    (SDXL width / height / crops ...) from the first prompt (the text encoder makes them alike)."""
+    """One ComfyUI conditioning entry for a batch: tokens [B, T, D]; per-prompt tensors (pooled vector,
+    attention mask, HiDream's conditioning_llama3...) stacked along the batch; other keys (SDXL width /
+    height / crops, guidance...) from the first prompt (the text encoder makes them alike)."""
     extras = {k: v for k, v in prompts[0].extras.items() if not isinstance(v, torch.Tensor)}
-    pooled = [p.extras.get("pooled_output") for p in prompts]
-    if all(isinstance(x, torch.Tensor) for x in pooled):
-        extras["pooled_output"] = torch.cat(pooled, 0)
+    for key, first in prompts[0].extras.items():
+        if not isinstance(first, torch.Tensor):
+            continue
+        values = [p.extras.get(key) for p in prompts]
+        if not all(isinstance(v, torch.Tensor) and v.shape == first.shape for v in values):
+            raise ValueError(f"the prompts' '{key}' tensors differ in shape ({[tuple(getattr(v, 'shape', ())) for v in values]}); "
+                             "they cannot share a training batch")
+        extras[key] = torch.cat(values, 0)
     return [[tokens, extras]]
+
+
+def _signature(p: EncodedPrompt) -> tuple:
+    """Prompts that can share a batch on a model whose cross-attention is not tile-safe: same shapes."""
+    return (tuple(p.tokens.shape),) + tuple(sorted((k, tuple(v.shape)) for k, v in p.extras.items()
+                                                   if isinstance(v, torch.Tensor)))
 
 
 def batch_tokens(prompts: list[EncodedPrompt]) -> torch.Tensor:
@@ -89,6 +102,13 @@ class ComfyDistillHost:
         self.device = self.mp.load_device
         self.ms = self.mp.get_model_object("model_sampling")
         self.x0: list[torch.Tensor] = []  # model-space latents, one per pool entry
+        # The UNet families' cross-attention has no positions on the text: prompts of 77*k tokens can be
+        # tiled to a common length (as ComfyUI batches them). DiT text tokens carry positions (RoPE) or
+        # masks, so there a batch holds prompts of one shape only (ComfyUI would not concat them either).
+        self.tile_prompts = type(self.mp.model.diffusion_model).__name__ == "UNetModel"
+        # DiTs: Flux-style blocks (Chroma, HunyuanVideo) update activations in place, and ComfyUI >= 0.8
+        # applies RoPE with kernels that have no backward; see cfg_distill/autograd_safe.py.
+        self.autograd_safe = not self.tile_prompts
         self.x0_prompt: list[int] = []  # which prompt each x0 belongs to
 
     # -- set-up -----------------------------------------------------------------------------------
@@ -109,8 +129,10 @@ class ComfyDistillHost:
     def add_x0_from_teacher(self, prompt_index: int, latent_hw: tuple[int, int], steps: int, seed: int) -> None:
         """No images: x0 from the model itself, a few CFG sampling steps at w (cached per prompt)."""
         h, w = latent_hw
-        channels = self.mp.model.latent_format.latent_channels
-        latent = torch.zeros(1, channels, h, w)
+        fmt = self.mp.model.latent_format
+        # Video latent formats (Wan, HunyuanVideo; also Qwen-Image) are 5-D: one latent frame here.
+        frames = (1,) * (getattr(fmt, "latent_dimensions", 2) - 2)
+        latent = torch.zeros(1, fmt.latent_channels, *frames, h, w)
         noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(seed))
         p = self.prompts[prompt_index]
         pos = [[p.tokens, dict(p.extras)]]
@@ -124,6 +146,11 @@ class ComfyDistillHost:
     # -- the three callables of the core loop ------------------------------------------------------
     def sample_batch(self, step: int, g: torch.Generator) -> Batch:
         idx = torch.randint(len(self.x0), (self.batch_size,), generator=g).tolist()
+        if not self.tile_prompts:
+            # Fill the batch from pool entries whose prompt has the first one's shapes.
+            sig = _signature(self.prompts[self.x0_prompt[idx[0]]])
+            alike = [i for i in range(len(self.x0)) if _signature(self.prompts[self.x0_prompt[i]]) == sig]
+            idx = [idx[0]] + [alike[j % len(alike)] for j in idx[1:]]
         x0 = torch.cat([self.x0[i] for i in idx], 0)
         prompts = [self.prompts[self.x0_prompt[i]] for i in idx]
         u = (torch.rand(self.batch_size, generator=g) * 0.998 + 0.001).tolist()
@@ -153,7 +180,10 @@ class ComfyDistillHost:
     def student(self, batch: Batch, refined_c: torch.Tensor) -> torch.Tensor:
         cond = self._process(_stack_conditioning(refined_c, batch.extra["prompts"]), batch)
         # Checkpointing (optional) trades one extra forward for not storing every block's activations.
-        with checkpointed_blocks(self.mp.model.diffusion_model, self.gradient_checkpointing):
+        # out_of_place_updates: without it, DiT blocks that update activations with `x += ...` and
+        # RoPE kernels without a backward would stop the backward pass into the conditioning.
+        with checkpointed_blocks(self.mp.model.diffusion_model, self.gradient_checkpointing), \
+                out_of_place_updates(self.autograd_safe):
             denoised = comfy.samplers.calc_cond_batch(self.mp.model, [cond], batch.x_t, batch.sigma,
                                                       self.mp.model_options)[0]
         return self._eps(batch, denoised)

@@ -74,10 +74,13 @@ class ApplyDiceRefiner(io.ComfyNode):
 
     @classmethod
     def execute(cls, positive, negative, refiner, strength) -> io.NodeOutput:
-        uc, _ = first_tokens(negative, "negative")
+        uc, neg_extras = first_tokens(negative, "negative")
         first_tokens(positive, "positive")
         try:
-            refined = map_entries(positive, lambda c, extras: (refine_tokens(refiner, c, uc, strength), {}))
+            # Only the main token tensor is refined; every other key (pooled vector, attention mask,
+            # HiDream's Llama tensor, guidance, areas...) is kept as it is.
+            refined = map_entries(positive, lambda c, extras: (
+                refine_tokens(refiner, c, uc, strength, extras=extras, neg_extras=neg_extras), {}))
         except ConditioningError as e:
             raise ValueError(f"Apply DICE Refiner: {e}") from None
         return io.NodeOutput(refined)

@@ -14,7 +14,7 @@ import comfy.utils
 import folder_paths
 from comfy_api.latest import io
 
-from ..cfg_distill.families import FAMILIES
+from ..cfg_distill.families import FAMILIES, family_for_model_class, guidance_distilled_reason
 from ..cfg_distill.plot import loss_curve_image
 from ..cfg_distill.prompts import default_prompts
 from ..cfg_distill.refiner import DiceRefiner
@@ -31,11 +31,15 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._ -]{0,120}$")
 
 
 def family_of(model, token_dim: int) -> str:
-    cls = type(model.model).__name__.lower()
-    for key in ("sdxl", "sd3", "pixart"):
-        if cls.startswith(key):
-            return key
-    return {768: "sd15", 1024: "sd2", 2048: "sdxl"}.get(token_dim, "other")
+    return family_for_model_class(type(model.model).__name__, token_dim)
+
+
+def check_distillable(model, family: str) -> None:
+    """Guidance-distilled models (Flux dev, HunyuanVideo T2V) have no CFG pass: say so, do not train."""
+    params = getattr(model.model.diffusion_model, "params", None)
+    why = guidance_distilled_reason(family, bool(getattr(params, "guidance_embed", False)))
+    if why:
+        raise ValueError(f"Train DICE Refiner: cannot distil {FAMILIES.get(family, FAMILIES['other']).label}: {why}.")
 
 
 def checkpoint_of(prompt: dict | None, node_id: str | None) -> str:
@@ -169,6 +173,7 @@ def run_training(model, clip, prompts, guidance_scale, steps, batch_size, learni
         null = encode_prompts(clip, [""])[0]
         token_dim = null.tokens.shape[-1]
         family = family_of(model, token_dim)
+        check_distillable(model, family)
         config.keep_first_token = FAMILIES.get(family, FAMILIES["other"]).keep_first_token
         host = ComfyDistillHost(model, encoded, null, guidance_scale, batch_size, gradient_checkpointing)
         host.load()

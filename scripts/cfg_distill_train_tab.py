@@ -11,8 +11,12 @@ core. How it fits into the webui (a1111.md "Training from a tab"):
   shared.state.interrupted, polled before every step: training stops and saves what was learned;
 - A1111: shared.sd_model.apply_model(x_t, t, cond) under devices.autocast(); Forge: the UNet patcher
   shared.sd_model.forge_objects.unet, loaded with backend.memory_management.load_model_gpu, whose
-  model.apply_model(x, sigma, c_crossattn=, y=) is k-diffusion style. The model is frozen for the run
-  (its requires_grad flags are put back afterwards);
+  model.apply_model(x, sigma, c_crossattn=, y=) is k-diffusion style. Forge loads models under
+  inference mode, so training runs on a trainable copy of that model (wt.trainable_copy), made
+  after loading and dropped after the run; generation's model is never changed. The model trained
+  through is frozen for the run (its requires_grad flags are put back afterwards);
+- POST /cfg-distill/train (JSON, the tab's fields + optional eval_prompts): the same training for
+  headless webui users, under the same queue lock; answers with the message, losses and gap;
 - refiners are saved into the folder the generation accordion lists (--dice-refiners-dir or
   models/dice_refiners) with the training state beside them (<name>.dice-train-state) for Resume.
 """
@@ -110,9 +114,18 @@ def webui_model(model, resolution: int, checkpoint: tuple[str, str] = ("", "")) 
 
         unet = model.forge_objects.unet
         device = getattr(unet, "load_device", None) or devices.device
+        denoiser = wt.ForgeDenoiser(unet.model, device)
+        freeze: list = []
+
+        def load():
+            # Forge's parameters are inference tensors: train through a copy made from the loaded
+            # (LoRA-patched) weights; it lives as long as this WebuiModel, i.e. one run.
+            memory_management.load_model_gpu(unet)
+            denoiser.model = wt.trainable_copy(unet.model)
+            freeze.append(denoiser.model)
+
         return wt.WebuiModel(
-            denoiser=wt.ForgeDenoiser(unet.model, device), encode=encode, freeze=[unet.model],
-            latent_channels=channels, load=lambda: memory_management.load_model_gpu(unet),
+            denoiser=denoiser, encode=encode, freeze=freeze, latent_channels=channels, load=load,
             autocast=wt.training_autocast(device, getattr(unet.model, "computation_dtype", None)),
             host_autocast=autocast, key=key)
     device = devices.device
@@ -134,6 +147,14 @@ def _html(text: str, error: bool = False) -> str:
 def train_from_tab(prompts, guidance_scale, steps, batch_size, lr, loss, resolution, seed, name, save_every,
                    resume):
     """The Train button (runs inside wrap_gradio_gpu_call): returns (loss image, status HTML)."""
+    outcome = run_training(prompts, guidance_scale, steps, batch_size, lr, loss, resolution, seed, name,
+                           save_every, resume)
+    return outcome.image(), _html(outcome.message, error=not outcome.ok)
+
+
+def run_training(prompts, guidance_scale, steps, batch_size, lr, loss, resolution, seed, name, save_every,
+                 resume, eval_prompts=None) -> wt.TrainOutcome:
+    """One training run on the loaded checkpoint (the caller holds the queue lock)."""
     state = shared.state
     PROGRESS.reset()
     state.job = JOB
@@ -149,7 +170,7 @@ def train_from_tab(prompts, guidance_scale, steps, batch_size, lr, loss, resolut
         host_model = webui_model(model, request.resolution, (checkpoint, short_hash))
     except wt.TrainTabError as e:
         PROGRESS.text = str(e)
-        return wt.TrainOutcome(False, str(e)).image(), _html(str(e), error=True)
+        return wt.TrainOutcome(False, str(e))
     state.job_count = request.steps
 
     def on_status(text):
@@ -164,11 +185,11 @@ def train_from_tab(prompts, guidance_scale, steps, batch_size, lr, loss, resolut
           f"{request.batch_size}, w {request.guidance_scale:g}, {len(request.prompts)} prompts")
     outcome = wt.train_in_webui(request, host_model, folder=refiner_folder(),
                                 should_stop=lambda: bool(state.interrupted), on_step=on_step, on_status=on_status,
-                                base_checkpoint=checkpoint, base_hash=short_hash)
+                                base_checkpoint=checkpoint, base_hash=short_hash, eval_prompts=eval_prompts)
     PROGRESS.losses = list(outcome.losses)
     on_status(outcome.message)
     print(f"[cfg-distill] {outcome.message}")
-    return outcome.image(), _html(outcome.message, error=not outcome.ok)
+    return outcome
 
 
 def show_progress():
@@ -239,4 +260,49 @@ def on_ui_tabs():
     return [(tab, TAB_TITLE, TAB_ID)]
 
 
+# ---------------------------------------------------------------------------------------------
+# The API route (headless webuis: --api / --nowebui)
+
+_API_FIELDS = {"prompts": "", "guidance_scale": wt.DEFAULT_GUIDANCE, "steps": wt.DEFAULT_STEPS,
+               "batch_size": wt.DEFAULT_BATCH, "lr": wt.DEFAULT_LR, "loss": wt.DEFAULT_LOSS,
+               "resolution": wt.DEFAULT_RESOLUTION, "seed": 0, "name": wt.DEFAULT_NAME,
+               "save_every": wt.DEFAULT_SAVE_EVERY, "resume": False}
+
+
+def train_api(body: dict) -> dict:
+    """POST /cfg-distill/train: the tab's fields as JSON (prompts: a string, one per line, or a list),
+    plus eval_prompts (list) for a held-out gap. Waits for the run; 400 on a bad field."""
+    unknown = set(body) - set(_API_FIELDS) - {"eval_prompts"}
+    if unknown:
+        raise ValueError(f"unknown field(s) {', '.join(sorted(unknown))}; expected {', '.join(_API_FIELDS)}, "
+                         f"eval_prompts")
+    values = {k: body.get(k, default) for k, default in _API_FIELDS.items()}
+    if isinstance(values["prompts"], list):
+        values["prompts"] = "\n".join(map(str, values["prompts"]))
+    eval_prompts = [str(x) for x in body.get("eval_prompts") or []]
+    with call_queue.queue_lock:
+        shared.state.begin(job=JOB)
+        try:
+            outcome = run_training(**values, eval_prompts=eval_prompts or None)
+        finally:
+            shared.state.end()
+    gap = outcome.gap
+    return {"ok": outcome.ok, "message": outcome.message, "path": outcome.path, "step": outcome.step,
+            "losses": outcome.losses, "family": outcome.family, "cancelled": outcome.cancelled,
+            "gap": None if gap is None else {"refined": gap.refined, "baseline": gap.baseline,
+                                             "ratio": gap.ratio, "samples": gap.samples}}
+
+
+def on_app_started(demo, app):
+    from fastapi import Body, HTTPException
+
+    @app.post("/cfg-distill/train")
+    def _train(body: dict = Body(...)):
+        try:
+            return train_api(body)
+        except ValueError as e:
+            raise HTTPException(status_code=400, detail=str(e))
+
+
 script_callbacks.on_ui_tabs(on_ui_tabs)
+script_callbacks.on_app_started(on_app_started)

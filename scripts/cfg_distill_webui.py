@@ -9,12 +9,12 @@ core. How it hooks in (the smallest hook that works in A1111, Forge, reForge and
 - The callback does nothing unless process() of this AlwaysVisible script put a run state on p
   for the current run (process() sets or clears it on every run, so stale state never applies).
 - A1111 runs the negative pass even at CFG 1; only opts.skip_early_cond (1.0 = all steps) skips it.
-  We hold it at 1.0 for the run and put the user's value back. Which hooks always run:
-    before_process / process   start of every generation with scripts  -> restore anything stale
-    postprocess                success, and interrupt/skip (samplers catch those) -> restore
-    (nothing)                  an exception mid-generation skips postprocess -> a weakref
-                               finaliser on p restores when the failed run's p is released, and
-                               the next generation restores first in any case.
+  It lives in opts.data, which any settings save writes to config.json, so we hold it for the
+  shortest window there is: set at the end of our on_cfg_denoiser callback, and put back when the
+  host records the skip in p.extra_generation_params a few lines later (before the model call, so
+  an exception in the model cannot leave it set); on_cfg_denoised, postprocess and the next run's
+  process() restore too, should that record not come. While we skip, the image conditioning rows of
+  the skipped negative are trimmed (A1111 trims x and sigma but not image_cond: inpainting models).
   Forge skips the pass by itself at CFG 1 but then never encodes the negative (text_uncond is
   None): we encode it ourselves when the mode needs it.
 """
@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import weakref
+
+import torch
 
 from cfg_distill import ConditioningError, RefinerFileError
 from cfg_distill import webui_logic as logic
@@ -57,12 +58,16 @@ def _host_is_forge() -> bool:
     return importlib.util.find_spec("modules_forge") is not None
 
 
-def _say(p, text: str) -> None:
-    """Console and the comments shown under the result in the UI."""
+def _say(p, text: str, note: bool = True) -> None:
+    """Console, the comments shown under the result in the UI, and (note=True) the infotext, which
+    is what API users get back (the API response has no comments)."""
     print(text)
     comment = getattr(p, "comment", None)
     if callable(comment):
         comment(text)
+    extra = getattr(p, "extra_generation_params", None)
+    if note and isinstance(extra, dict):
+        logic.add_note(extra, text.replace("[cfg-distill] ", "", 1))
 
 
 def _restore_skip(token=None) -> None:
@@ -79,7 +84,7 @@ class _Run:
         self.settings, self.transform = settings, transform
         self.encoded: dict = {}  # (texts, negative?, size, steps, model) -> prompt schedules
         self.failed = False
-        self.skip_token = None  # set when this run holds skip_early_cond at 1.0
+        self.want_skip = False  # A1111 at CFG 1: skip the negative pass at every step
 
     def apply(self, params):
         denoiser = params.denoiser
@@ -166,6 +171,47 @@ def _on_cfg_denoiser(params) -> None:
         params.text_cond = run.apply(params)
     except Exception as e:  # the host would only log it, every step; say it once, clearly
         run.fail(p, e)
+        return
+    if run.want_skip:
+        _skip_this_step(p, params)
+
+
+def _skip_this_step(p, params) -> None:
+    """A1111: skip this step's negative pass. The host reads opts.skip_early_cond right after the
+    callbacks; _SkipRecord puts the user's value back when the host records the skip."""
+    uncond = params.text_uncond
+    n_uncond = logic.rows_of(uncond) if uncond is not None else 0
+    image_cond = params.image_cond
+    # The host drops the last n_uncond rows of x and sigma but not of image_cond.
+    if (n_uncond and isinstance(image_cond, torch.Tensor) and image_cond.ndim > 0
+            and image_cond.shape[0] == params.x.shape[0] > n_uncond):
+        params.image_cond = image_cond[:-n_uncond]
+    if not isinstance(p.extra_generation_params, _SkipRecord):
+        p.extra_generation_params = _SkipRecord(p.extra_generation_params)
+    SKIP.apply(shared.opts.data, p.extra_generation_params.token)
+
+
+class _SkipRecord(dict):
+    """p.extra_generation_params while we skip: when the host writes its "Skip Early CFG" entry (the
+    moment it has read the option), the user's value goes back at once, and the entry is dropped
+    (our transient 1.0 is not the user's setting: pasted back it would outlive cfg-distill)."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.token = object()
+
+    def __setitem__(self, key, value):
+        if key == HOST_SKIP_INFOTEXT and SKIP.token is self.token:
+            _restore_skip(self.token)
+            return
+        super().__setitem__(key, value)
+
+    def __reduce__(self):  # copies and pickles are plain dicts
+        return dict, (dict(self),)
+
+
+def _on_cfg_denoised(params) -> None:
+    _restore_skip()  # fallback: the record above did not come (never leave our value past a step)
 
 
 def _on_script_unloaded() -> None:
@@ -174,6 +220,8 @@ def _on_script_unloaded() -> None:
 
 # Registered once, at import (the webui clears callbacks before it re-imports scripts).
 script_callbacks.on_cfg_denoiser(_on_cfg_denoiser)
+if hasattr(script_callbacks, "on_cfg_denoised"):
+    script_callbacks.on_cfg_denoised(_on_cfg_denoised)
 script_callbacks.on_script_unloaded(_on_script_unloaded)
 
 
@@ -237,14 +285,18 @@ class CfgDistillScript(scripts.Script):
 
         for component in (mode, refiner, strength, negative, w):
             component.do_not_save_to_config = True  # the refiner list changes; settings come from infotext
+        # Paste from infotext reads each field by its key: a string is looked up in the parsed
+        # infotext and converted with the component's value type; a function is called. The webui
+        # matches paste_field_names ("send to txt2img / img2img") against these same keys, so the
+        # functions are module-level: one object shared by both tabs' scripts.
         self.infotext_fields = [
-            (mode, lambda d: logic.parse_infotext(d)["mode"]),  # no key: made with cfg-distill off
+            (mode, _paste_mode),
             (refiner, _paste_refiner),
-            (strength, _paste(logic.INFO_STRENGTH, "strength")),
-            (negative, _paste(logic.INFO_NEGATIVE, "negative_as_null")),
-            (w, _paste(logic.INFO_W, "w")),
+            (strength, logic.INFO_STRENGTH),
+            (negative, logic.INFO_NEGATIVE),
+            (w, logic.INFO_W),
         ]
-        self.paste_field_names = list(logic.INFOTEXT_KEYS)
+        self.paste_field_names = [key for _, key in self.infotext_fields]
         return [mode, refiner, strength, negative, w]
 
     def before_process(self, p, *args):
@@ -261,6 +313,10 @@ class CfgDistillScript(scripts.Script):
         if not settings.active:
             return
         forge = _host_is_forge()
+        problem = logic.and_prompt_problem(_and_weights(p))
+        if problem:
+            _say(p, f"[cfg-distill] {problem} This image is generated without {settings.mode}.")
+            return
         try:
             transform, refiner_hash = _prepare(p, settings)
         except (ConditioningError, RefinerFileError, ValueError, OSError) as e:
@@ -276,7 +332,7 @@ class CfgDistillScript(scripts.Script):
         if warning:
             _say(p, warning)
         elif not forge:
-            run.skip_token = _skip_negative_pass(p)
+            run.want_skip = _can_skip(p)
 
     def process_before_every_sampling(self, p, *args, **kwargs):
         # Forge (and newer A1111) call this before each pass, the hires pass included.
@@ -286,14 +342,6 @@ class CfgDistillScript(scripts.Script):
                 run.prepare(p, kwargs.get("uc"))
             except Exception as e:
                 run.fail(p, e)
-
-    def postprocess_batch(self, p, *args, **kwargs):
-        # The host writes "Skip Early CFG: 1" into the infotext for our override; pasted back it
-        # would become a user override that outlives cfg-distill. Our own keys say what was done.
-        run = getattr(p, RUN_ATTR, None)
-        if run is not None and run.skip_token is not None and SKIP.overrode(run.skip_token):
-            if p.extra_generation_params.get(HOST_SKIP_INFOTEXT) == SKIP.value:
-                del p.extra_generation_params[HOST_SKIP_INFOTEXT]
 
     def postprocess(self, p, processed, *args):
         run = getattr(p, RUN_ATTR, None)
@@ -329,16 +377,30 @@ def _warning_update(gr, mode, cfg_scale):
     return gr.update(value=f"**{text}**" if text else "", visible=bool(text))
 
 
-def _paste(key: str, field: str):
-    """Paste-field reader: the parsed value when the infotext has the key, else leave the field."""
-    return lambda params: logic.parse_infotext(params)[field] if key in params else None
+def _paste_mode(params) -> str:
+    return logic.parse_infotext(params)["mode"]  # no key: the image was made with cfg-distill off
 
 
 def _paste_refiner(params):
+    """A gr.update with the current refiner list: converting the name with the dropdown's value type
+    would fail for a dropdown that was empty (value None) when the page was built."""
     found = logic.parse_infotext(params)
     if not found["refiner"] and not found["refiner_hash"]:
         return None
-    return logic.resolve_refiner(found["refiner"], found["refiner_hash"], STORE.names(), STORE.short_hash)
+    import gradio as gr
+
+    names = STORE.names()
+    name = logic.resolve_refiner(found["refiner"], found["refiner_hash"], names, STORE.short_hash)
+    return gr.update(choices=names, value=name) if name else gr.update(choices=names)
+
+
+def _and_weights(p) -> list[list[float]]:
+    """The AND-subprompt weights of each prompt of this run (hires prompts included)."""
+    prompts = list(getattr(p, "all_prompts", None) or [p.prompt])
+    if getattr(p, "enable_hr", False) and getattr(p, "all_hr_prompts", None):
+        prompts += list(p.all_hr_prompts)
+    res_indexes, _, _ = prompt_parser.get_multicond_prompt_list(list(dict.fromkeys(prompts)))
+    return [[weight for _, weight in entry] for entry in res_indexes]
 
 
 def _prepare(p, settings: logic.Settings):
@@ -358,21 +420,16 @@ def _prepare(p, settings: logic.Settings):
     return logic.CondTransform(settings, loaded), STORE.short_hash(settings.refiner)
 
 
-def _skip_negative_pass(p):
-    """A1111 at CFG 1: one model pass per step via opts.skip_early_cond = 1.0, for this run only.
-    Returns the override's token (None when this webui has no such option)."""
+def _can_skip(p) -> bool:
+    """A1111 at CFG 1: whether the negative pass can be skipped per step (skip_early_cond)."""
     if SKIP_KEY not in getattr(shared.opts, "data_labels", {SKIP_KEY: None}):
         print("[cfg-distill] this webui has no 'skip_early_cond' option (A1111 v1.10+): it runs the "
               "negative pass even at CFG 1, so the result is right but there is no speed-up.")
-        return None
-    token = object()
-    SKIP.apply(shared.opts.data, token)
-    # Safety net for a generation that fails before postprocess: restore when p is released.
-    try:
-        weakref.finalize(p, _restore_skip, token)
-    except TypeError:  # a p without weak references: the next run's restore still applies
-        pass
-    return token
+        return False
+    model = getattr(p, "sd_model", None) or shared.sd_model
+    if getattr(model, "cond_stage_key", None) == "edit":  # instruct-pix2pix: the skip breaks its CFG
+        return False
+    return True
 
 
 # Training tab: scripts/cfg_distill_train_tab.py (on_ui_tabs, Forge has no Train tab) writes refiners

@@ -132,6 +132,9 @@ if [ "${NEWEST_FRONTEND:-0}" = "1" ]; then
   log "newest frontend: $NEWEST at $TARGET/comfyui_frontend_package/static"
 fi
 
+# (Additions to test-requirements.txt, e.g. accelerate for tests/test_official_import.py, change the
+# stamp's hash above: venvs set up before them get them on the next run.)
+
 if [ "${WITH_BROWSER:-0}" = "1" ]; then
   # Browser tests (tests/test_browser.py) drive the real frontend with Debian's chromium through the
   # Python playwright client (from test-requirements.txt). Never run `playwright install`: no

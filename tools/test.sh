@@ -24,6 +24,8 @@ fi
 if [ -f "$ROOT/tools/setup_gradio_env.sh" ]; then
   bash "$ROOT/tools/setup_gradio_env.sh"
 fi
+# Real AUTOMATIC1111 1.10.1 and Forge servers for tests/webui (from ../shared/hosts or git clone).
+bash "$ROOT/tools/setup_webuis.sh"
 cd "$ROOT"
 
 failed=()

@@ -1,8 +1,9 @@
 """Tiny deterministic checkpoints for the webui stand-ins (tests only).
 
 Text encoding: each text gets its own seeded random tokens, so equal texts give equal tensors and
-the tests can recompute what the host encoded. Texts of more than 20 words give 154 tokens (the
-webui's 75-token chunks, shortened here). SDXL: {"crossattn": [T, 2048], "vector": [2816]} with the
+the tests can recompute what the host encoded. Texts of more than 20 words give 154 tokens, of more
+than 40 words 231 (the webui's 75-token chunks, shortened here); as with CLIP, every 77-token chunk
+starts with the same start-of-text vector. SDXL: {"crossattn": [T, 2048], "vector": [2816]} with the
 pooled part first and size embeddings (from the SdConditioning's width / height) after it; an
 all-empty NEGATIVE batch is zeroed, as both webuis do (force_zero_negative_prompt).
 The UNet records the conditioning of every call and can be told to fail at a step.
@@ -18,7 +19,14 @@ def _seeded(text: str, salt: str, *shape) -> torch.Tensor:
 
 
 def _length(text: str) -> int:
-    return 154 if len(text.split()) > 20 else 77
+    words = len(text.split())
+    return 231 if words > 40 else 154 if words > 20 else 77
+
+
+def _chunks(text: str, salt: str, dim: int) -> torch.Tensor:
+    t = _seeded(text, salt, _length(text), dim)
+    t[::77] = _seeded("<start of text>", salt, dim)  # CLIP's causal attention: the same in every chunk
+    return t
 
 
 class RecordingUNet:
@@ -59,7 +67,7 @@ class FakeSD1:
     def encode_one(self, text: str) -> torch.Tensor:
         if text.strip() == "nan":
             return torch.full((77, self.token_dim), float("nan"))
-        return _seeded(text, "sd1", _length(text), self.token_dim)
+        return _chunks(text, "sd1", self.token_dim)
 
     def get_learned_conditioning(self, texts):
         self._record(texts)
@@ -73,7 +81,7 @@ class FakeSDXL(FakeSD1):
     token_dim = 2048
 
     def encode_one(self, text: str) -> torch.Tensor:
-        return _seeded(text, "sdxl", _length(text), self.token_dim)
+        return _chunks(text, "sdxl", self.token_dim)
 
     def pooled(self, text: str) -> torch.Tensor:
         return _seeded(text, "sdxl-pooled", 1280)

@@ -83,4 +83,5 @@ else:
         params = env.infotext_utils.parse_generation_parameters(processed.infotexts[0])
         values = env.infotext_utils.paste_values(script.infotext_fields, params)
         assert values == {mode: "DICE", refiner: "sub/sdxl-test.safetensors", strength: 0.65, negative: False}
-        assert set(script.paste_field_names) == set(logic.INFOTEXT_KEYS)
+        # "send to txt2img / img2img" matches paste_field_names against the infotext_fields keys
+        assert set(script.paste_field_names) == {key for _, key in script.infotext_fields}

@@ -1,5 +1,13 @@
 """The A1111 / Forge script against the webui stand-ins: what the model sees each step, AND rows,
-Forge's missing negative at CFG 1, skip_early_cond restore paths, infotext, warnings."""
+Forge's missing negative at CFG 1, skip_early_cond restore paths, infotext, warnings.
+
+Why stand-ins still, next to the real servers of tests/webui/: these check what the real servers
+cannot show here. (1) SDXL dict conditioning: no tiny SDXL checkpoint loads in the real webuis yet
+(see the issue 13 report). (2) The exact tensors the model sees per row (refined AND rows per image
+with their own negatives, Forge's self-encoded negative, prompt-editing schedules): the real tests
+count rows and compare images, but cannot read the conditioning tensors of a step. (3) Interrupt
+and the option-restore state machine at chosen steps. Rows per step, mode Off, infotext / paste,
+bad inputs, skip_early_cond, hires, img2img, inpainting and AND-prompts run on the real servers."""
 import gc
 
 import pytest
@@ -114,7 +122,7 @@ def test_sdxl_teefusion_fuses_tokens_and_pooled_but_not_size_embeddings(make_web
 def test_and_rows_are_refined_with_their_own_images_negative(make_webui, refiners_dir):
     model = FakeSD1()
     env = make_webui("a1111", model)
-    prompts = ["a cat AND a hat:0.5", "a dog AND a ball AND grass"]
+    prompts = ["a cat:0.5 AND a hat:0.5", "a dog:0.25 AND a ball:0.25 AND grass:0.5"]  # weights sum to 1
     generate(env, dice(), prompt=prompts, negative_prompt=["blurry", "dark"], batch_size=2, steps=2)
 
     loaded = refiner(refiners_dir, SD15)
@@ -131,7 +139,7 @@ def test_and_rows_are_refined_with_their_own_images_negative(make_webui, refiner
 def test_and_rows_with_a_shared_negative_are_refined_in_one_call(make_webui, refiners_dir):
     model = FakeSD1()
     env = make_webui("a1111", model)
-    generate(env, dice(), prompt="a cat AND a hat", negative_prompt="blurry", batch_size=2, steps=1)
+    generate(env, dice(), prompt="a cat:0.5 AND a hat:0.5", negative_prompt="blurry", batch_size=2, steps=1)
     rows = torch.cat([pos(model, "a cat"), pos(model, " a hat")] * 2)
     expected = refine_tokens(refiner(refiners_dir, SD15), rows, neg(model, "blurry"), 1.0)
     assert torch.equal(model.inner_model.calls[0]["tokens"], expected)
@@ -204,7 +212,7 @@ def test_forge_teefusion_encodes_the_negative_itself_at_cfg_1(make_webui):
 def test_forge_dice_with_a_negative_and_and_rows(make_webui, refiners_dir):
     model = FakeSDXL()
     env = make_webui("forge", model)
-    generate(env, dice(SDXL), prompt="a cat AND a hat", negative_prompt="blurry", steps=2)
+    generate(env, dice(SDXL), prompt="a cat:0.5 AND a hat:0.5", negative_prompt="blurry", steps=2)
     encodings = sum(1 for texts, negative in model.encode_calls if texts == ("blurry",) and negative)
     assert encodings == 1, "encoded once per run, not per step"
     rows = torch.cat([pos(model, "a cat")["crossattn"], pos(model, " a hat")["crossattn"]])
@@ -253,7 +261,7 @@ def test_skip_early_cond_kept_out_of_the_infotext(make_webui):
     assert "CFG distill: DICE" in processed.infotexts[0]
 
 
-def test_skip_early_cond_restored_after_a_failure_when_p_is_released(make_webui):
+def test_skip_early_cond_is_back_before_the_model_runs_so_a_failure_cannot_leave_it(make_webui):
     model = FakeSD1()
     env = make_webui("a1111", model)
     opts = env.shared.opts
@@ -264,10 +272,7 @@ def test_skip_early_cond_restored_after_a_failure_when_p_is_released(make_webui)
         scripts=env.scripts.ScriptRunner([script]), script_args=dice(), prompt="a fox", steps=3)
     with pytest.raises(RuntimeError, match="simulated failure"):
         env.txt2img.txt2img_function(p)
-    assert opts.data["skip_early_cond"] == 1.0, "postprocess never ran"
-    del p
-    gc.collect()
-    assert opts.data["skip_early_cond"] == 0.25
+    assert opts.data["skip_early_cond"] == 0.25, "held only until the host read it, never across the model call"
 
 
 def test_skip_early_cond_restored_by_the_next_run_when_the_failed_p_lives_on(make_webui):
@@ -323,13 +328,13 @@ def test_infotext_round_trip(make_webui, refiners_dir):
     assert found["refiner"] == "sdxl-test"
     assert found["refiner_hash"] == env.script_module.STORE.short_hash(SDXL)
     assert (found["strength"], found["negative_as_null"]) == (0.75, False)
-    assert env.script_module._paste_refiner(params) == SDXL
+    store = env.script_module.STORE
+    assert logic.resolve_refiner(found["refiner"], found["refiner_hash"], store.names(), store.short_hash) == SDXL
 
     p, processed = generate(env, tee(w=2.5), prompt="a castle", steps=1)
     params = env.infotext_utils.parse_generation_parameters(processed.infotexts[0])
     assert logic.parse_infotext(params)["mode"] == logic.MODE_TEEFUSION
-    assert env.script_module._paste(logic.INFO_W, "w")(params) == 2.5
-    assert env.script_module._paste(logic.INFO_STRENGTH, "strength")(params) is None
+    assert logic.parse_infotext(params)["w"] == 2.5 and logic.INFO_STRENGTH not in params
 
     p, processed = generate(env, OFF, prompt="a castle", steps=1)
     params = env.infotext_utils.parse_generation_parameters(processed.infotexts[0])
@@ -341,7 +346,8 @@ def test_renamed_refiner_is_found_by_hash(make_webui, refiners_dir):
     env = make_webui("a1111", FakeSD1())
     h = env.script_module.STORE.short_hash(SD15)
     params = {logic.INFO_MODE: "DICE", logic.INFO_REFINER: "old-name", logic.INFO_REFINER_HASH: h}
-    assert env.script_module._paste_refiner(params) == SD15
+    store = env.script_module.STORE
+    assert logic.resolve_refiner("old-name", h, store.names(), store.short_hash) == SD15
 
 
 def test_cfg_not_1_warns_and_still_refines(make_webui, refiners_dir, capsys):
@@ -380,7 +386,8 @@ def test_configuration_errors_are_shown_and_do_not_stop_generation(make_webui):
     env = make_webui("a1111", FakeSD1())
     p, processed = generate(env, dice(refiner=""), prompt="a fox", steps=1)
     assert "no refiner is selected" in processed.comments
-    assert "CFG distill" not in processed.infotexts[0]
+    assert "CFG distill: " not in processed.infotexts[0]
+    assert "no refiner is selected" in processed.infotexts[0], "API users read the note in the infotext"
     assert "skip_early_cond" not in env.shared.opts.data
 
     p, processed = generate(env, dice(refiner=SDXL), prompt="a fox", steps=1)

@@ -95,6 +95,7 @@ class ConditioningProbe:
                     d = (tokens.float() - ref_t.float()).abs()
                     e["max_abs_diff"] = float(d.max())
                     e["first_token_diff"] = float(d[:, 0].max())
+                    e["unchanged_positions"] = [int(i) for i in torch.nonzero(d.amax(dim=(0, 2)) == 0).flatten()]
                 if pooled is not None and ref_x.get("pooled_output") is not None:
                     e["pooled_equal"] = bool(torch.equal(pooled, ref_x["pooled_output"]))
             entries.append(e)

@@ -8,7 +8,8 @@
 """
 from modules import errors
 
-callback_map = {"callbacks_cfg_denoiser": [], "callbacks_script_unloaded": [], "callbacks_ui_tabs": []}
+callback_map = {"callbacks_cfg_denoiser": [], "callbacks_script_unloaded": [], "callbacks_ui_tabs": [],
+                "callbacks_cfg_denoised": [], "callbacks_app_started": []}
 
 
 class CFGDenoiserParams:
@@ -33,6 +34,22 @@ def on_script_unloaded(callback, *, name=None):
 
 def on_ui_tabs(callback, *, name=None):
     callback_map["callbacks_ui_tabs"].append(callback)
+
+
+def on_cfg_denoised(callback, *, name=None):
+    callback_map["callbacks_cfg_denoised"].append(callback)
+
+
+def on_app_started(callback, *, name=None):
+    callback_map["callbacks_app_started"].append(callback)
+
+
+def cfg_denoised_callback(params):
+    for callback in list(callback_map["callbacks_cfg_denoised"]):
+        try:
+            callback(params)
+        except Exception:
+            errors.report("Error executing callback cfg_denoised_callback", exc_info=True)
 
 
 def cfg_denoiser_callback(params):
