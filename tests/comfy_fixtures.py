@@ -1,16 +1,21 @@
 """Session fixtures: a real ComfyUI server with this pack and a tiny generated SD1.5 checkpoint."""
 import json
 import os
+import sys
 
 import pytest
 import torch
 
 from cfg_distill import DiceRefiner, RefinerInfo, save_refiner
-from tools.comfy_env import COMFY_DIR
+from tools.comfy_env import (COMFY_DIR, FRONTEND_ROOT, SETUP_HINT, comfyui_version, frontend_version,
+                              pinned_frontend)
 from tools.comfy_server import ComfyServer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CKPT = "tiny-sd15.safetensors"
+# Torch threads of the test server. One by default: the server shares the machine with pytest, the
+# browser and (in CI) other jobs, and threads competing for busy cores made steps about 10x slower.
+SERVER_THREADS = int(os.environ.get("CFG_DISTILL_SERVER_THREADS", "1"))
 
 
 def _random_refiner(dim, seed, family):
@@ -22,7 +27,12 @@ def _random_refiner(dim, seed, family):
 @pytest.fixture(scope="session")
 def comfy_base(tmp_path_factory):
     if not os.path.isfile(os.path.join(COMFY_DIR, "main.py")):
-        pytest.fail(f"ComfyUI is not installed at {COMFY_DIR}: run `bash tools/setup_env.sh`")
+        pytest.fail(f"ComfyUI is not installed at {COMFY_DIR}: run `{SETUP_HINT}`")
+    if not FRONTEND_ROOT and frontend_version() != pinned_frontend():
+        # The server runs with this python: it must be the venv set up for the selected tree.
+        pytest.fail(f"{sys.executable} has comfyui-frontend-package {frontend_version()}, but ComfyUI "
+                    f"{comfyui_version()} at {COMFY_DIR} pins {pinned_frontend()}: run the tests with that "
+                    "tree's venv (.venv for 0.3.75, .venv-comfy080 for 0.8.0; see tools/test.sh)")
     from tools.tiny_models import write_tiny_sd15
 
     base = tmp_path_factory.mktemp("comfy")
@@ -40,7 +50,7 @@ def comfy_base(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def server(comfy_base):
-    srv = ComfyServer(str(comfy_base)).start()
+    srv = ComfyServer(str(comfy_base), threads=SERVER_THREADS).start()
     yield srv
     srv.stop()
 

@@ -1,6 +1,5 @@
 """The Train DICE Refiner node through the real ComfyUI server on the tiny SD1.5 checkpoint."""
 import re
-import time
 
 import pytest
 import torch
@@ -100,10 +99,7 @@ def test_cancel_stops_saves_and_reports(server, comfy_base):
     folder = comfy_base / "models" / "dice_refiners"
     state = folder / "cancelled.dice-train-state"
     prompt_id = server.queue(_graph(refiner_name="cancelled", steps=500, save_every=1))
-    deadline = time.time() + 300
-    while not state.exists() and time.time() < deadline:
-        time.sleep(0.2)
-    assert state.exists(), "training never reached its first step"
+    server.until(state.exists, "the first training step's state file")  # fails on a hang, not on load
     server.post("/interrupt", {})
     entry = server.wait(prompt_id)
     assert not succeeded(entry)

@@ -55,11 +55,14 @@ def require_browser() -> None:
 class Frontend:
     """One headless chromium page on a running ComfyServer's frontend."""
 
-    def __init__(self, server, viewport=(1600, 1000)):
+    def __init__(self, server, viewport=(1600, 1000), init_scripts=()):
         self.server = server
         self.viewport = viewport
+        self.init_scripts = list(init_scripts)  # run in the page before any of its own scripts
         self.console: list[str] = []
+        self.console_entries: list[tuple[str, str, str]] = []  # (type, text, source url)
         self.errors: list[str] = []
+        self.last_ws_frame = time.monotonic()  # the page's websocket: a sign of server activity
 
     def __enter__(self) -> "Frontend":
         require_browser()
@@ -74,15 +77,18 @@ class Frontend:
             self.context = self.browser.new_context(viewport={"width": self.viewport[0], "height": self.viewport[1]})
             # The "Nodes 2.0" banner remembers its dismissal in localStorage.
             self.context.add_init_script("localStorage.setItem('vueNodesBannerDismissed', 'true')")
+            for script in self.init_scripts:
+                self.context.add_init_script(script)
             self.page = self.context.new_page()
-            self.page.on("console", lambda m: self.console.append(f"{m.type}: {m.text}"))
+            self.page.on("console", self._on_console)
+            self.page.on("websocket", lambda ws: ws.on("framereceived", self._on_frame))
             self.page.on("pageerror", lambda e: self.errors.append(f"{e}\n{getattr(e, 'stack', '')}"))
             self.page.goto(self.server.url + "/", wait_until="domcontentloaded")
             try:
                 self.page.wait_for_function(
                     "names => !!(window.app && app.graph && app.canvas && window.LiteGraph && "
                     "names.every(n => app.extensions.some(e => e.name === n)))", arg=list(EXTENSIONS),
-                    timeout=90_000)
+                    timeout=180_000)  # a loaded machine: the bundle alone takes a while to parse
             except Exception as e:
                 raise RuntimeError(f"the frontend did not start with our extensions ({e}); page errors: "
                                    f"{self.errors}; console: {self.console[-20:]}") from None
@@ -91,6 +97,19 @@ class Frontend:
             self.close()
             raise
         return self
+
+    def _on_console(self, m) -> None:
+        self.console.append(f"{m.type}: {m.text}")
+        self.console_entries.append((m.type, m.text, (m.location or {}).get("url", "")))
+
+    def _on_frame(self, _frame) -> None:
+        self.last_ws_frame = time.monotonic()
+
+    def last_activity(self) -> float:
+        """time.monotonic() of the last websocket message the page received (events are delivered
+        while playwright runs, so let it run briefly first)."""
+        self.page.wait_for_timeout(1)
+        return self.last_ws_frame
 
     def close(self) -> None:
         if getattr(self, "browser", None) is not None:

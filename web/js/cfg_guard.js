@@ -102,7 +102,8 @@ function widget(node, name) {
 // primitive node, that primitive's widget; null when the value comes from an unknown computation.
 function effectiveWidget(node, name) {
   const w = widget(node, name);
-  const i = (node.inputs ?? []).findIndex((inp) => inp.name === name && inp.link != null);
+  // isInputConnected, not input.link: newer frontends deprecate reading the slot's link directly.
+  const i = (node.inputs ?? []).findIndex((inp, slot) => inp.name === name && node.isInputConnected(slot));
   if (i < 0) return w ? { node, widget: w } : null;
   const src = upstreamNode(node, i);
   const pw = src?.widgets?.find((x) => typeof x.value === typeof w?.value) ?? null;
