@@ -3,6 +3,8 @@ error messages both hosts (ComfyUI, A1111 / Forge) show. Both adapters call thes
 the same tensors give the same numbers in either host."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from .families import describe_dim
@@ -32,6 +34,11 @@ def check_refiner_fits(loaded: LoadedRefiner, token_dim: int, what: str = "posit
 
 def refine_tokens(loaded: LoadedRefiner, c: torch.Tensor, uc: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
     """c + strength * S(c, uc) for [B, T, D] prompt tokens and [1 or B, T', D] negative tokens."""
+    if loaded.info.ranges:
+        raise ConditioningError(
+            f"refiner {loaded.name or ''} holds {len(loaded.info.ranges)} refiners for different noise levels "
+            "(a K-range file): it needs per-step conditioning (refine_ranges; ComfyUI's Apply DICE Refiner "
+            "does this). Use a single-range refiner here.".replace("  ", " "))
     check_refiner_fits(loaded, c.shape[-1], "positive")
     check_refiner_fits(loaded, uc.shape[-1], "negative")
     check_finite(c, "positive")
@@ -52,3 +59,14 @@ def fuse_tokens(c: torch.Tensor, neg: torch.Tensor, w: float, what: str = "token
     check_finite(c, "positive")
     check_finite(neg, "negative")
     return fuse(c, neg, w)
+
+
+def refine_ranges(loaded: LoadedRefiner, c: torch.Tensor, uc: torch.Tensor,
+                  strength: float = 1.0) -> list[tuple[float, float, torch.Tensor]]:
+    """(start_percent, end_percent, refined tokens) per noise-level range of the refiner; one
+    (0, 1, tokens) for an ordinary refiner. The host evaluates exactly one per sampling step."""
+    if not loaded.info.ranges:
+        return [(0.0, 1.0, refine_tokens(loaded, c, uc, strength))]
+    single = replace(loaded.info, ranges=None)
+    return [(a, b, refine_tokens(LoadedRefiner(m, single, loaded.name), c, uc, strength))
+            for a, b, m in loaded.stages]

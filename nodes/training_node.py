@@ -142,7 +142,8 @@ class TrainDiceRefiner(io.ComfyNode):
 def run_training(model, clip, prompts, guidance_scale, steps, batch_size, learning_rate, loss, width, height,
                  seed, refiner_name, save_every, resume, x0_steps=8, autocast="none", images=None, vae=None,
                  captions="", node_id=None, base_checkpoint="", should_stop=None, log_every=0, on_step=None,
-                 gradient_checkpointing=False):
+                 gradient_checkpointing=False, percent_range=(0.0, 1.0), negative_prompts="",
+                 negative_share=0.0, init=None):
     """The node's work, callable from the headless trainer too. Returns (LoadedRefiner, loss image).
 
     Headless use: should_stop() replaces ComfyUI's interrupt flag (polled before every step and while
@@ -170,13 +171,19 @@ def run_training(model, clip, prompts, guidance_scale, steps, batch_size, learni
         token_dim = null.tokens.shape[-1]
         family = family_of(model, token_dim)
         config.keep_first_token = FAMILIES.get(family, FAMILIES["other"]).keep_first_token
-        host = ComfyDistillHost(model, encoded, null, guidance_scale, batch_size, gradient_checkpointing)
+        negs = [p.strip() for p in (negative_prompts or "").splitlines() if p.strip()]
+        host = ComfyDistillHost(model, encoded, null, guidance_scale, batch_size, gradient_checkpointing,
+                                percent_range=percent_range, negatives=encode_prompts(clip, negs) if negs else None,
+                                negative_share=negative_share)
         host.load()
         try:
             _fill_x0_pool(host, texts, encoded, clip, images, vae, captions,
                           (height // 8, width // 8), x0_steps, seed, node_id, should_stop=should_stop)
             info_fields = dict(base_family=family, base_checkpoint=base_checkpoint,
-                               base_hash=_checkpoint_hash(base_checkpoint))
+                               base_hash=_checkpoint_hash(base_checkpoint),
+                               negatives=bool(negs) and negative_share > 0)
+            if tuple(percent_range) != (0.0, 1.0):  # one range of a K-range refiner (combined later)
+                info_fields["extra"] = {"trained_percent_range": [float(v) for v in percent_range]}
             pbar = comfy.utils.ProgressBar(steps, node_id=node_id)
             main_rank = _rank() == 0  # torch.distributed: all ranks hold the same weights; one writes
 
@@ -206,7 +213,7 @@ def run_training(model, clip, prompts, guidance_scale, steps, batch_size, learni
             try:
                 result = train_refiner(
                     config, host.sample_batch, host.teacher, host.student, token_dim=token_dim,
-                    device=host.device, state_path=state_path, resume=resume,
+                    device=host.device, state_path=state_path, resume=resume, init=init,
                     should_stop=should_stop or stop, on_step=report_step, info=state_info)
             except TrainingDiverged as e:
                 raise ValueError(f"Train DICE Refiner: {e}") from None

@@ -43,6 +43,26 @@ def training_set(per_combo: int, seed: int) -> tuple[torch.Tensor, list[str]]:
     return torch.from_numpy(images), prompts
 
 
+def training_negatives(seed: int, full_prompts: int = 200) -> list[str]:
+    """Negative prompts a user might write, from training attributes only: single attribute values
+    ("red", "circle", "blue background", "top left", "a red shape") and full training prompts, half
+    of them colour-swapped (the attribute-binding error). Held-out combinations never appear."""
+    out = []
+    for col in data.COLORS:
+        out += [col, f"a {col} shape", f"{col} background"]
+    out += list(data.SHAPES) + list(data.POSITIONS)
+    train, _held = data.split()
+    rng = np.random.default_rng(seed)
+    train_set = set(train)
+    for i, k in enumerate(rng.choice(len(train), full_prompts, replace=False)):
+        c = train[int(k)]
+        swapped = data.Combo(c.background, c.shape, c.color, c.position)
+        if i % 2 and swapped in train_set:
+            c = swapped
+        out.append(c.prompt(int(rng.integers(len(data.TEMPLATES)))))
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=2000)
@@ -57,7 +77,14 @@ def main(argv=None) -> int:
     ap.add_argument("--ckpt-dir", default=os.path.join(ROOT, "out", "testbed"))
     ap.add_argument("--weights", default=WEIGHTS_DIR, help="folder with the testbed's unet / vae weights")
     ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--percent-range", default="0,1",
+                    help="train on this sampling-percent range only (start,end; 0 = first step): one range of a "
+                         "K-range refiner (see testbed.combine_ranges)")
+    ap.add_argument("--negative-share", type=float, default=0.0,
+                    help="share of samples whose second input is a negative prompt (teacher: CFG with it)")
+    ap.add_argument("--init", default=None, help="start from this (single) refiner file instead of zero output")
     args = ap.parse_args(argv)
+    percent_range = tuple(float(v) for v in args.percent_range.split(","))
     torch.set_num_threads(int(os.environ.get("TESTBED_THREADS", "2")))
 
     from testbed.assemble import assemble
@@ -88,7 +115,10 @@ def main(argv=None) -> int:
     loaded, _curve = training_node.run_training(
         model, clip, "\n".join(prompts), args.guidance_scale, args.steps, args.batch_size, args.lr, args.loss,
         data.SIZE, data.SIZE, args.seed, name, 100, args.resume, images=images, vae=vae,
-        base_checkpoint=os.path.basename(ckpt), should_stop=lambda: False, on_step=on_step)
+        base_checkpoint=os.path.basename(ckpt), should_stop=lambda: False, on_step=on_step,
+        percent_range=percent_range, negative_prompts="\n".join(training_negatives(args.seed + 23)),
+        negative_share=args.negative_share,
+        init=sys.modules[pack.__name__ + ".cfg_distill"].load_refiner(args.init).module if args.init else None)
     seconds = time.monotonic() - started
     src = os.path.join(args.work, f"{name}.safetensors")
     # Commit as float16 (half the size); the loader computes in float32 either way.
@@ -100,7 +130,10 @@ def main(argv=None) -> int:
         tensors = {k: f.get_tensor(k).to(torch.float16) for k in f.keys()}
     meta["testbed_training"] = json.dumps(dict(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                                                loss=args.loss, images=len(prompts), seconds=round(seconds),
-                                               guidance_scale=args.guidance_scale))
+                                               guidance_scale=args.guidance_scale,
+                                               percent_range=list(percent_range),
+                                               negative_share=args.negative_share,
+                                               init=os.path.basename(args.init) if args.init else None))
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     save_file(tensors, args.out + ".tmp", metadata=meta)
     os.replace(args.out + ".tmp", args.out)
