@@ -116,3 +116,43 @@ def test_info_cli_reads_both(tmp_path):
     assert r1.returncode == 0 and "no negatives" in r1.stdout and "ranges" not in r1.stdout
     assert r2.returncode == 0 and "2 noise-level ranges [0-0.4] [0.4-1]" in r2.stdout
     assert "negative prompts supported" in r2.stdout
+
+
+@pytest.fixture(scope="module")
+def refiner_nodes():
+    import importlib.util
+
+    from tools.comfy_env import use_comfy_library
+
+    use_comfy_library()
+    name = "cfg_distill_pack_under_test"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "__init__.py"),
+                                                      submodule_search_locations=[ROOT])
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
+    return sys.modules[name + ".nodes.refiner_nodes"]
+
+
+def test_apply_node_emits_one_entry_per_range(tmp_path, refiner_nodes):
+    path = str(tmp_path / "k2.safetensors")
+    save_range_refiner(path, [_refiner(1), _refiner(2)], _info(ranges=[[0, 0.4], [0.4, 1]]))
+    loaded = load_refiner(path)
+    pos = [[torch.randn(1, 77, 32), {"pooled_output": None}]]
+    neg = [[torch.randn(1, 77, 32), {}]]
+    out = refiner_nodes.ApplyDiceRefiner.execute(positive=pos, negative=neg, refiner=loaded, strength=1.0).result[0]
+    assert [(e[1]["start_percent"], e[1]["end_percent"]) for e in out] == [(0.0, 0.4), (0.4, 1.0)]
+    assert all("pooled_output" in e[1] for e in out) and "start_percent" not in pos[0][1]
+    stages = refine_ranges(loaded, pos[0][0], neg[0][0])
+    assert all(torch.equal(e[0], t) for e, (_, _, t) in zip(out, stages))
+    # an entry already limited by ConditioningSetTimestepRange keeps its limits (intersected)
+    pos[0][1]["start_percent"], pos[0][1]["end_percent"] = 0.5, 0.9
+    out = refiner_nodes.ApplyDiceRefiner.execute(positive=pos, negative=neg, refiner=loaded, strength=1.0).result[0]
+    assert [(e[1]["start_percent"], e[1]["end_percent"]) for e in out] == [(0.5, 0.9)]
+    # a single refiner: one entry, keys untouched
+    one = str(tmp_path / "k1.safetensors")
+    save_refiner(one, _refiner(3), _info())
+    out = refiner_nodes.ApplyDiceRefiner.execute(positive=pos, negative=neg, refiner=load_refiner(one),
+                                                 strength=1.0).result[0]
+    assert len(out) == 1 and out[0][1]["start_percent"] == 0.5 and out[0][1]["end_percent"] == 0.9
