@@ -205,7 +205,7 @@ def run(args) -> dict:
         refiners["dice"] = core.load_refiner(args.refiner)
         labels["dice"] = shipped_label(refiners["dice"])
     for spec in args.extra_refiner:
-        label, _, path = spec.partition("=")
+        label, _, path = spec.rpartition("=")
         refiners[f"dice:{label}"] = core.load_refiner(path)
         labels[f"dice:{label}"] = label
     inputs = {"c": c, "null": null, "negative": neg, "scaled": c * 1.2,

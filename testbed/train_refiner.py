@@ -43,6 +43,36 @@ def training_set(per_combo: int, seed: int) -> tuple[torch.Tensor, list[str]]:
     return torch.from_numpy(images), prompts
 
 
+OPEN_TEMPLATES = {  # captions that leave one attribute open (still true of the image)
+    "color": ("a {shape} on a {background} background, {position}", "{position}: {shape}, {background} background",
+              "a {background} background with a {shape} in the {position}", "{shape} in the {position}, {background} backdrop"),
+    "background": ("a {color} {shape}, {position}", "{position}: {color} {shape}",
+                   "a {color} {shape} in the {position}", "{color} {shape} in the {position}"),
+}
+
+
+def open_captions(prompts: list[str], seed: int, share: float) -> list[str]:
+    """Replace a share of the captions by one that leaves the shape colour or the background open, so
+    that a negative naming a value of it has something to act on. Images whose open caption would
+    also describe a held-out combination keep their full caption (no held-out prompt text in training)."""
+    train, held = data.split()
+    held_open = {(h.shape, h.background, h.position) for h in held} | {(h.color, h.shape, h.position) for h in held}
+    images_per_pass = len(train)
+    rng = np.random.default_rng(seed)
+    out = list(prompts)
+    for i in range(len(out)):
+        if rng.random() >= share:
+            continue
+        c = train[i % images_per_pass]
+        which = "color" if rng.random() < 0.5 else "background"
+        key = (c.shape, c.background, c.position) if which == "color" else (c.color, c.shape, c.position)
+        if key in held_open:
+            continue
+        t = OPEN_TEMPLATES[which]
+        out[i] = t[int(rng.integers(len(t)))].format(**c.__dict__)
+    return out
+
+
 def training_negatives(seed: int, full_prompts: int = 200) -> list[str]:
     """Negative prompts a user might write, from training attributes only: single attribute values
     ("red", "circle", "blue background", "top left", "a red shape") and full training prompts, half
@@ -82,6 +112,8 @@ def main(argv=None) -> int:
                          "K-range refiner (see testbed.combine_ranges)")
     ap.add_argument("--negative-share", type=float, default=0.0,
                     help="share of samples whose second input is a negative prompt (teacher: CFG with it)")
+    ap.add_argument("--open-captions", type=float, default=0.0,
+                    help="share of captions that leave the shape colour or the background open")
     ap.add_argument("--init", default=None, help="start from this (single) refiner file instead of zero output")
     args = ap.parse_args(argv)
     percent_range = tuple(float(v) for v in args.percent_range.split(","))
@@ -103,6 +135,8 @@ def main(argv=None) -> int:
     model, clip, vae = comfy.sd.load_checkpoint_guess_config(ckpt)[:3]
     skip_identity_layers(clip)
     images, prompts = training_set(args.per_combo, args.seed + 11)
+    if args.open_captions:
+        prompts = open_captions(prompts, args.seed + 31, args.open_captions)
     print(f"training a DICE refiner at w={args.guidance_scale:g} on {len(prompts)} training images / prompts; "
           f"{args.steps} steps x batch {args.batch_size}, lr {args.lr:g}, {args.loss}", flush=True)
     started = time.monotonic()
@@ -133,6 +167,7 @@ def main(argv=None) -> int:
                                                guidance_scale=args.guidance_scale,
                                                percent_range=list(percent_range),
                                                negative_share=args.negative_share,
+                                               open_captions=args.open_captions,
                                                init=os.path.basename(args.init) if args.init else None))
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     save_file(tensors, args.out + ".tmp", metadata=meta)
