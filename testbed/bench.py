@@ -1,7 +1,7 @@
 """The quality table: CFG, DICE and TeEFusion on the testbed model, judged on image outcomes.
 
     python -m testbed.bench                 (60 held-out prompts x 4 seeds, 10 methods; a few minutes on 2 cores)
-    python -m testbed.bench --quick         (the CI subset: 12 prompts x 2 seeds, 3 methods)
+    python -m testbed.bench --quick         (the CI subset: 12 prompts x 2 seeds, 5 methods + the avoidance test)
 
 Everything is sampled by the real ComfyUI in library mode with stock semantics: the checkpoint is
 loaded by comfy.sd.load_checkpoint_guess_config (what CheckpointLoaderSimple calls), sampling is
@@ -120,8 +120,9 @@ def methods(quick: bool, refiners: dict[str, str]) -> list[dict]:
     m += [dict(name="TeEFusion fusion w=4 (training-free), cfg 1", key="teefusion4", cfg=1.0, pos="fuse4", neg="null"),
           dict(name="TeEFusion fusion w=1 (training-free), cfg 1", key="teefusion1", cfg=1.0, pos="fuse1", neg="null"),
           dict(name="scaled embeddings x1.2, cfg 1", key="scaled", cfg=1.0, pos="scaled", neg="null")]
-    if quick:
-        m = [x for x in m if x["key"] in ("cfg1", "cfg5", "cfg5_neg", "dice", "dice_neg")]
+    if quick:  # extra refiners: their row without a negative only
+        m = [x for x in m if x["key"] in ("cfg1", "cfg5", "cfg5_neg", "dice", "dice_neg")
+             or (x["key"].startswith("dice:") and not x["key"].endswith("_neg"))]
     return m
 
 
@@ -217,7 +218,7 @@ def run(args) -> dict:
     real = real_features(combos)
     results, images = {}, {}
     chosen = methods(args.quick, labels)
-    if args.methods:
+    if args.methods:  # "none": only the avoidance test
         chosen = [m for m in methods(False, labels) if m["key"] in args.methods.split(",")]
     for m in chosen:
         t0 = time.monotonic()
@@ -237,7 +238,8 @@ def run(args) -> dict:
             results[k]["d_cfg5"] = float(np.sqrt(((imgs - images["cfg5"]) ** 2).mean(axis=(1, 2, 3))).mean())
     avoid = {}
     if args.avoidance:
-        keys = ["cfg5"] + [k for k in refiners if args.methods is None or k in args.methods.split(",")]
+        keys = ["cfg5"] + [k for k in refiners if (args.methods in (None, "none") or k in args.methods.split(","))
+                           and not (args.quick and k != "dice")]
         avoid = avoidance(runner, core, refiners, combos, S, args.steps, args.seed, keys)
     summary = summarize(results)
     out = dict(prompts=prompts, seeds=S, steps=args.steps, sampler=f"{SAMPLER}/{SCHEDULER}", seed=args.seed,
