@@ -172,7 +172,7 @@ def save_range_refiner(path: str, refiners: list[DiceRefiner], info: RefinerInfo
     for k, r in enumerate(refiners):
         if (info.token_dim, info.inner_dim, info.heads) != (r.token_dim, r.inner_dim, r.heads):
             raise ValueError(f"refiner {k} does not have the shape the info describes")
-        tensors.update({RANGE_PREFIX.format(k) + n: v.float() for n, v in r.state_dict().items()})
+        tensors.update({RANGE_PREFIX.format(k) + n: v.detach().float().clone() for n, v in r.state_dict().items()})
     atomic_save_safetensors(tensors, path, info.to_metadata())
 
 
