@@ -156,3 +156,13 @@ def test_apply_node_emits_one_entry_per_range(tmp_path, refiner_nodes):
     out = refiner_nodes.ApplyDiceRefiner.execute(positive=pos, negative=neg, refiner=load_refiner(one),
                                                  strength=1.0).result[0]
     assert len(out) == 1 and out[0][1]["start_percent"] == 0.5 and out[0][1]["end_percent"] == 0.9
+
+
+def test_the_same_refiner_in_several_ranges_saves(tmp_path):
+    path = str(tmp_path / "same.safetensors")
+    m = _refiner(7)
+    save_range_refiner(path, [m, m], _info(ranges=[[0, 0.5], [0.5, 1]]))
+    loaded = load_refiner(path)
+    c, uc = torch.randn(1, 77, 32), torch.randn(1, 77, 32)
+    (_, _, t0), (_, _, t1) = refine_ranges(loaded, c, uc)
+    assert torch.equal(t0, t1)
