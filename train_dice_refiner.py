@@ -70,8 +70,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=2000,
                    help="total optimizer steps (with --resume: the target, not the extra; default %(default)s)")
     p.add_argument("--batch-size", type=int, default=4, help="per process (torchrun: per rank; default %(default)s)")
-    p.add_argument("--lr", "--learning-rate", dest="lr", type=float, default=2e-4,
-                   help="AdamW learning rate (default and paper: %(default)g)")
+    p.add_argument("--grad-accum", type=int, default=4,
+                   help="micro-batches per optimizer step: effective batch = batch size x this, memory of one "
+                        "micro-batch (default %(default)s; see the README's training table)")
+    p.add_argument("--lr", "--learning-rate", dest="lr", type=float, default=5e-4,
+                   help="AdamW learning rate (default %(default)g; the paper's 2e-4 is for batch 128)")
     p.add_argument("--loss", choices=["l2", "l1"], default="l2",
                    help="default l2; paper: l1 for SD1.5, l2 for SDXL (both summed per sample)")
     p.add_argument("--width", type=int, default=512, help="training image width in pixels (default %(default)s)")
@@ -378,7 +381,7 @@ def _run(args, d: Dist, comfy_dir: str, use_cpu: bool) -> int:
                 model, clip, prompts, args.guidance_scale, args.steps, args.batch_size, args.lr, args.loss,
                 args.width, args.height, args.seed, name, args.save_every, args.resume, args.x0_steps,
                 args.autocast, base_checkpoint=ckpt_name, should_stop=stop, log_every=args.log_every,
-                on_step=progress, gradient_checkpointing=args.gradient_checkpointing)
+                on_step=progress, gradient_checkpointing=args.gradient_checkpointing, grad_accum=args.grad_accum)
     except comfy.model_management.InterruptProcessingException:
         if d.rank == 0:
             log.warning("cancelled while preparing the training latents: nothing was trained or saved")

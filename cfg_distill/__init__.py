@@ -1,6 +1,6 @@
 """cfg-distill core: DICE refiners and TeEFusion for one-pass guidance. Host-independent: imports
 only torch, safetensors and numpy (never comfy or the webui's modules)."""
-from .apply import ConditioningError, fuse_tokens, refine_tokens
+from .apply import ConditioningError, fuse_tokens, refine_ranges, refine_tokens
 from .families import FAMILIES, describe_dim
 from .fusion import fuse
 from .refiner import PARAMETER_NAMES, DiceRefiner, refine
@@ -10,7 +10,7 @@ from .refiner_file import (LoadedRefiner, RefinerFileError, RefinerInfo, load_re
 __all__ = [
     "ConditioningError", "DiceRefiner", "FAMILIES", "LoadedRefiner", "PARAMETER_NAMES",
     "RefinerFileError", "RefinerInfo", "describe_dim", "fuse", "fuse_tokens", "load_refiner",
-    "read_refiner_info", "refine", "refine_tokens", "save_refiner",
+    "read_refiner_info", "refine", "refine_ranges", "refine_tokens", "save_refiner",
 ]
 __version__ = "0.1.0"
 

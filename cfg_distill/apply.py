@@ -3,6 +3,8 @@ error messages both hosts (ComfyUI, A1111 / Forge) show. Both adapters call thes
 the same tensors give the same numbers in either host."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from .families import FAMILIES, conditioning_mismatch, describe_dim, families_from_conditioning
@@ -51,6 +53,11 @@ def refine_tokens(loaded: LoadedRefiner, c: torch.Tensor, uc: torch.Tensor, stre
 
     Long prompts (77-token chunks, from ComfyUI's CLIPTextEncode or a webui's encoder) keep every
     chunk's start token (see `refiner.refine`), the same rule in both hosts since both call this."""
+    if loaded.info.ranges:
+        raise ConditioningError(
+            f"refiner {loaded.name or ''} holds {len(loaded.info.ranges)} refiners for different noise levels "
+            "(a K-range file): it needs per-step conditioning (refine_ranges; ComfyUI's Apply DICE Refiner "
+            "does this). Use a single-range refiner here.".replace("  ", " "))
     check_refiner_fits(loaded, c.shape[-1], "positive")
     check_refiner_fits(loaded, uc.shape[-1], "negative")
     if extras is not None:
@@ -75,3 +82,15 @@ def fuse_tokens(c: torch.Tensor, neg: torch.Tensor, w: float, what: str = "token
     check_finite(c, "positive")
     check_finite(neg, "negative")
     return fuse(c, neg, w)
+
+
+def refine_ranges(loaded: LoadedRefiner, c: torch.Tensor, uc: torch.Tensor, strength: float = 1.0,
+                  extras: dict | None = None,
+                  neg_extras: dict | None = None) -> list[tuple[float, float, torch.Tensor]]:
+    """(start_percent, end_percent, refined tokens) per noise-level range of the refiner; one
+    (0, 1, tokens) for an ordinary refiner. The host evaluates exactly one per sampling step."""
+    if not loaded.info.ranges:
+        return [(0.0, 1.0, refine_tokens(loaded, c, uc, strength, extras, neg_extras))]
+    single = replace(loaded.info, ranges=None)
+    return [(a, b, refine_tokens(LoadedRefiner(m, single, loaded.name), c, uc, strength, extras, neg_extras))
+            for a, b, m in loaded.stages]

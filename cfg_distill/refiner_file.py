@@ -28,6 +28,11 @@ def listed_refiner(name: str) -> bool:
 
 FORMAT_NAME = "cfg-distill.dice-refiner"
 FORMAT_VERSION = 1
+# K-range files (several refiners, each for one range of the sampling schedule) are version 2, so
+# an older pack says "update" instead of failing on the prefixed names. K = 1 files stay version 1
+# with the official parameter names.
+RANGES_FORMAT_VERSION = 2
+RANGE_PREFIX = "range{}."
 _KEY = "cfg_distill"  # the single metadata entry, a JSON object
 
 
@@ -48,6 +53,11 @@ class RefinerInfo:
     keep_first_token: bool = True
     extra: dict = field(default_factory=dict)
     has_metadata: bool = True
+    # Trained with negative prompts as the second input (teacher: CFG with that negative); without
+    # it only "" is what the refiner knows, and a real negative can fail badly.
+    negatives: bool = False
+    # K-range files: [[start_percent, end_percent], ...] tiling 0..1 in sampling order; None = one refiner.
+    ranges: list | None = None
 
     def summary(self) -> str:
         parts = [f"family {self.base_family}", f"{self.token_dim}-d tokens"]
@@ -55,6 +65,10 @@ class RefinerInfo:
             parts.append(f"trained at w={self.guidance_scale:g}")
         if self.train_steps is not None:
             parts.append(f"{self.train_steps} steps")
+        if self.ranges:
+            parts.append(f"{len(self.ranges)} noise-level ranges "
+                         + " ".join(f"[{a:g}-{b:g}]" for a, b in self.ranges))
+        parts.append("negative prompts supported" if self.negatives else "trained with \"\" only (no negatives)")
         if self.base_checkpoint:
             parts.append(f"base {self.base_checkpoint}" + (f" [{self.base_hash}]" if self.base_hash else ""))
         return ", ".join(parts)
@@ -62,16 +76,29 @@ class RefinerInfo:
     def to_metadata(self) -> dict[str, str]:
         d = asdict(self)
         d.pop("has_metadata")
-        d.update(format=FORMAT_NAME, format_version=FORMAT_VERSION)
+        if not d["ranges"]:
+            d.pop("ranges")
+        d.update(format=FORMAT_NAME, format_version=RANGES_FORMAT_VERSION if self.ranges else FORMAT_VERSION)
         return {_KEY: json.dumps(d, sort_keys=True)}
 
 
 @dataclass
 class LoadedRefiner:
-    """What the loader hands to the apply node: the module, its description and its file name."""
+    """What the loader hands to the apply node: the module, its description and its file name.
+
+    A K-range file also fills range_modules (one refiner per info.ranges entry, in sampling order);
+    module is then the first of them."""
     module: DiceRefiner
     info: RefinerInfo
     name: str = ""
+    range_modules: list = field(default_factory=list)
+
+    @property
+    def stages(self) -> list[tuple[float, float, DiceRefiner]]:
+        """(start_percent, end_percent, refiner) per noise-level range; one (0, 1, module) for K = 1."""
+        if not self.info.ranges:
+            return [(0.0, 1.0, self.module)]
+        return [(float(a), float(b), m) for (a, b), m in zip(self.info.ranges, self.range_modules)]
 
 
 def short_hash_of_file(path: str, length: int = 10) -> str:
@@ -103,9 +130,49 @@ def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str, metadat
 
 
 def save_refiner(path: str, refiner: DiceRefiner, info: RefinerInfo) -> None:
+    if info.ranges:
+        raise ValueError("a K-range refiner file is written with save_range_refiner")
     if (info.token_dim, info.inner_dim, info.heads) != (refiner.token_dim, refiner.inner_dim, refiner.heads):
         raise ValueError("refiner info does not describe this refiner's shape")
     tensors = {k: v.float() for k, v in refiner.state_dict().items()}
+    atomic_save_safetensors(tensors, path, info.to_metadata())
+
+
+def validate_ranges(ranges, name: str = "refiner") -> list[list[float]]:
+    """K >= 2 ranges [start, end] of sampling percent that tile 0..1 in order, each start < end."""
+    example = "e.g. [[0, 0.5], [0.5, 1]]"
+    if not isinstance(ranges, (list, tuple)) or len(ranges) < 2:
+        raise RefinerFileError(f"{name!r}: noise-level ranges must be a list of at least two [start, end] "
+                               f"pairs ({example}); got {ranges!r}")
+    out = []
+    for i, r in enumerate(ranges):
+        if (not isinstance(r, (list, tuple)) or len(r) != 2
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in r)):
+            raise RefinerFileError(f"{name!r}: range {i} is {r!r}, expected [start_percent, end_percent] ({example})")
+        a, b = float(r[0]), float(r[1])
+        if not 0.0 <= a < b <= 1.0:
+            raise RefinerFileError(f"{name!r}: range {i} [{a:g}, {b:g}] must satisfy 0 <= start < end <= 1")
+        out.append([a, b])
+    if out[0][0] != 0.0 or out[-1][1] != 1.0:
+        raise RefinerFileError(f"{name!r}: the ranges must start at 0 and end at 1 so that every sampling "
+                               f"step has exactly one refined conditioning (got {out})")
+    for i in range(1, len(out)):
+        if out[i][0] != out[i - 1][1]:
+            raise RefinerFileError(f"{name!r}: range {i} starts at {out[i][0]:g} but range {i - 1} ends at "
+                                   f"{out[i - 1][1]:g}; ranges must be in order, without gaps or overlaps")
+    return out
+
+
+def save_range_refiner(path: str, refiners: list[DiceRefiner], info: RefinerInfo) -> None:
+    """K refiners for K noise-level ranges (info.ranges) in one file: official names under rangeK."""
+    ranges = validate_ranges(info.ranges, os.path.basename(path))
+    if len(refiners) != len(ranges):
+        raise ValueError(f"{len(refiners)} refiners for {len(ranges)} ranges")
+    tensors = {}
+    for k, r in enumerate(refiners):
+        if (info.token_dim, info.inner_dim, info.heads) != (r.token_dim, r.inner_dim, r.heads):
+            raise ValueError(f"refiner {k} does not have the shape the info describes")
+        tensors.update({RANGE_PREFIX.format(k) + n: v.detach().float().clone() for n, v in r.state_dict().items()})
     atomic_save_safetensors(tensors, path, info.to_metadata())
 
 
@@ -141,9 +208,48 @@ def read_refiner_info(path: str) -> RefinerInfo:
     return _info_from(header, os.path.basename(path))
 
 
+def _raw_meta(header: dict, name: str) -> dict | None:
+    raw = (header.get("__metadata__") or {}).get(_KEY)
+    if raw is None:
+        return None
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError:
+        raise RefinerFileError(f"{name!r} has corrupt cfg-distill metadata") from None
+    if not isinstance(meta, dict):
+        raise RefinerFileError(f"{name!r} has corrupt cfg-distill metadata (not a JSON object)")
+    return meta
+
+
 def _info_from(header: dict, name: str) -> RefinerInfo:
     shapes = {k: v["shape"] for k, v in header.items() if k != "__metadata__"}
+    meta = _raw_meta(header, name)
+    version = meta.get("format_version") if meta is not None else None
+    if isinstance(version, int) and version > RANGES_FORMAT_VERSION and meta.get("format") == FORMAT_NAME:
+        raise RefinerFileError(f"{name!r} was written by a newer cfg-distill (format {version}, this version "
+                               f"reads up to {RANGES_FORMAT_VERSION}); update the pack")
+    if meta is not None and meta.get("ranges") is not None:
+        ranges = validate_ranges(meta["ranges"], name)
+        expected = {RANGE_PREFIX.format(k) for k in range(len(ranges))}
+        found = {k.split(".", 1)[0] + "." for k in shapes}
+        if found != expected:
+            raise RefinerFileError(f"{name!r}: metadata lists {len(ranges)} noise-level ranges but the tensors "
+                                   f"are under {sorted(found)} (expected {sorted(expected)})")
+        infos = [_info_from_single(header, f"{name} [{p[:-1]}]",
+                                   {k[len(p):]: v for k, v in shapes.items() if k.startswith(p)}, meta)
+                 for p in sorted(expected)]
+        if len({(i.token_dim, i.inner_dim) for i in infos}) != 1:
+            raise RefinerFileError(f"{name!r}: the ranges' refiners differ in shape")
+        infos[0].ranges = ranges
+        return infos[0]
+    return _info_from_single(header, name, shapes, meta)
+
+
+def _info_from_single(header: dict, name: str, shapes: dict, meta: dict | None) -> RefinerInfo:
     missing = [k for k in PARAMETER_NAMES if k not in shapes]
+    if missing and any(k.startswith(RANGE_PREFIX.format(0)) for k in shapes):
+        raise RefinerFileError(f"{name!r} holds refiners under range0., range1. ... but no valid noise-level "
+                               "ranges in its metadata (cfg_distill.ranges, e.g. [[0, 0.5], [0.5, 1]])")
     if missing:
         raise RefinerFileError(
             f"{name!r} is not a DICE refiner: missing {', '.join(missing)}. Expected the parameters "
@@ -158,17 +264,12 @@ def _info_from(header: dict, name: str) -> RefinerInfo:
     bad = [f"{k} {shapes[k]} (expected {v})" for k, v in expected.items() if shapes[k] != v]
     if bad:
         raise RefinerFileError(f"{name!r} has inconsistent shapes: {'; '.join(bad)}")
-    raw = (header.get("__metadata__") or {}).get(_KEY)
-    if raw is None:
+    if meta is None:
         return RefinerInfo(token_dim=token_dim, inner_dim=inner, has_metadata=False,
                            keep_first_token=True)
-    try:
-        meta = json.loads(raw)
-    except json.JSONDecodeError:
-        raise RefinerFileError(f"{name!r} has corrupt cfg-distill metadata") from None
     if meta.get("format") != FORMAT_NAME or not isinstance(meta.get("format_version"), int):
         raise RefinerFileError(f"{name!r}: unrecognised metadata format {meta.get('format')!r}")
-    if meta["format_version"] > FORMAT_VERSION:
+    if meta["format_version"] > RANGES_FORMAT_VERSION:
         raise RefinerFileError(f"{name!r} was written by a newer cfg-distill (format "
                                f"{meta['format_version']}, this version reads {FORMAT_VERSION}); update the pack")
     if (meta.get("token_dim"), meta.get("inner_dim")) != (token_dim, inner):
@@ -187,7 +288,7 @@ def _info_from(header: dict, name: str) -> RefinerInfo:
         base_checkpoint=str(meta.get("base_checkpoint", "")), base_hash=str(meta.get("base_hash", "")),
         guidance_scale=meta.get("guidance_scale"), train_steps=meta.get("train_steps"),
         keep_first_token=bool(meta.get("keep_first_token", fam.keep_first_token)),
-        extra=dict(meta.get("extra") or {}))
+        extra=dict(meta.get("extra") or {}), negatives=bool(meta.get("negatives", False)))
 
 
 def load_refiner(path: str) -> LoadedRefiner:
@@ -198,12 +299,15 @@ def load_refiner(path: str) -> LoadedRefiner:
         tensors = load_file(path, device="cpu")
     except (SafetensorError, OSError, ValueError) as e:
         raise RefinerFileError(f"{name!r} could not be read as .safetensors: {e}") from None
-    module = DiceRefiner(info.token_dim, info.inner_dim, info.heads)
-    state = {k: tensors[k].float() for k in PARAMETER_NAMES}
-    for k, v in state.items():
-        if not torch.isfinite(v).all():
-            raise RefinerFileError(f"{name!r}: parameter {k} contains NaN or inf; the file is damaged "
-                                   "or training diverged. Use an earlier checkpoint.")
-    module.load_state_dict(state)
-    module.eval().requires_grad_(False)
-    return LoadedRefiner(module, info, name)
+    prefixes = [RANGE_PREFIX.format(k) for k in range(len(info.ranges))] if info.ranges else [""]
+    modules = []
+    for prefix in prefixes:
+        module = DiceRefiner(info.token_dim, info.inner_dim, info.heads)
+        state = {k: tensors[prefix + k].float() for k in PARAMETER_NAMES}
+        for k, v in state.items():
+            if not torch.isfinite(v).all():
+                raise RefinerFileError(f"{name!r}: parameter {prefix}{k} contains NaN or inf; the file is damaged "
+                                       "or training diverged. Use an earlier checkpoint.")
+        module.load_state_dict(state)
+        modules.append(module.eval().requires_grad_(False))
+    return LoadedRefiner(modules[0], info, name, range_modules=modules if info.ranges else [])

@@ -94,7 +94,22 @@ class ComfyDistillHost:
     """Holds the trainable clone, the cached encodings and the x0 pool; provides the callables."""
 
     def __init__(self, model, prompts: list[EncodedPrompt], null: EncodedPrompt, guidance_scale: float,
-                 batch_size: int, gradient_checkpointing: bool = False):
+                 batch_size: int, gradient_checkpointing: bool = False,
+                 percent_range: tuple[float, float] = (0.0, 1.0),
+                 negatives: list[EncodedPrompt] | None = None, negative_share: float = 0.0):
+        start, end = percent_range
+        if not 0.0 <= start < end <= 1.0:
+            raise ValueError(f"percent_range must satisfy 0 <= start < end <= 1 (got {percent_range!r})")
+        if negative_share and not negatives:
+            raise ValueError("negative_share > 0 needs negative prompts to draw from")
+        if not 0.0 <= negative_share <= 1.0:
+            raise ValueError(f"negative_share must be in [0, 1] (got {negative_share!r})")
+        # Noise-level ranges: a refiner for one range of a K-range file only sees sigmas of that
+        # range (sampling percent, as ComfyUI's start_percent / end_percent count it).
+        self.percent_range = (float(start), float(end))
+        # Negatives: with probability negative_share a sample's second input is a negative prompt
+        # (drawn uniformly) instead of "", and the teacher is CFG with that negative.
+        self.negatives, self.negative_share = list(negatives or []), float(negative_share)
         self.mp = trainable_clone(model)
         self.gradient_checkpointing = gradient_checkpointing
         self.mp.model.requires_grad_(False)
@@ -153,12 +168,21 @@ class ComfyDistillHost:
             idx = [idx[0]] + [alike[j % len(alike)] for j in idx[1:]]
         x0 = torch.cat([self.x0[i] for i in idx], 0)
         prompts = [self.prompts[self.x0_prompt[i]] for i in idx]
-        u = (torch.rand(self.batch_size, generator=g) * 0.998 + 0.001).tolist()
+        lo, hi = max(self.percent_range[0], 0.001), min(self.percent_range[1], 0.999)
+        u = (torch.rand(self.batch_size, generator=g) * (hi - lo) + lo).tolist()
         sigma = torch.tensor([self.ms.percent_to_sigma(v) for v in u], dtype=torch.float32)
         noise = torch.randn(x0.shape, generator=g)
         x_t = self.ms.noise_scaling(sigma, noise, x0)
+        if self.negative_share > 0:
+            # Drawn after the noise, so runs without negatives keep their exact random stream.
+            pick = torch.rand(self.batch_size, generator=g) < self.negative_share
+            which = torch.randint(len(self.negatives), (self.batch_size,), generator=g).tolist()
+            ucs = [self.negatives[j] if p else self.null for p, j in zip(pick.tolist(), which)]
+            uc = batch_tokens(ucs)
+        else:
+            uc = self.null.tokens
         return Batch(x_t=x_t.to(self.device), sigma=sigma.to(self.device), c=batch_tokens(prompts).to(self.device),
-                     uc=self.null.tokens.to(self.device), extra={"prompts": prompts})
+                     uc=uc.to(self.device), extra={"prompts": prompts})
 
     def _process(self, cond, batch: Batch):
         # calc_cond_batch reads the active patcher, which ComfyUI's guider sets per sampling run.
@@ -172,7 +196,13 @@ class ComfyDistillHost:
 
     def teacher(self, batch: Batch) -> torch.Tensor:
         cond = self._process(_stack_conditioning(batch.c, batch.extra["prompts"]), batch)
-        uncond = self._process([[self.null.tokens.to(self.device), dict(self.null.extras)]], batch)
+        if batch.uc.shape[0] == 1:
+            uncond = self._process([[batch.uc, dict(self.null.extras)]], batch)
+        else:  # per-sample negatives; pooled vectors of "" stand in (SD1.5 has none)
+            uc_extras = dict(self.null.extras)
+            if isinstance(uc_extras.get("pooled_output"), torch.Tensor):
+                uc_extras["pooled_output"] = uc_extras["pooled_output"].expand(batch.uc.shape[0], -1)
+            uncond = self._process([[batch.uc, uc_extras]], batch)
         denoised = comfy.samplers.sampling_function(self.mp.model, batch.x_t, batch.sigma, uncond, cond, self.w,
                                                     model_options=self.mp.model_options)
         return self._eps(batch, denoised)

@@ -3,10 +3,10 @@ import os
 
 from comfy_api.latest import io
 
-from ..cfg_distill import ConditioningError, load_refiner, refine_tokens
+from ..cfg_distill import ConditioningError, load_refiner, refine_ranges
 from ..cfg_distill.refiner_file import RefinerFileError
 from . import folders
-from .conditioning import first_tokens, map_entries
+from .conditioning import first_tokens
 
 DiceRefinerType = io.Custom("DICE_REFINER")
 
@@ -61,9 +61,11 @@ class ApplyDiceRefiner(io.ComfyNode):
                         "pass reproduces classifier-free guidance. " + CFG1_RULE,
             inputs=[
                 io.Conditioning.Input("positive"),
-                io.Conditioning.Input("negative", tooltip="Encoding of the empty prompt \"\" for plain DICE "
-                                      "(what refiners are trained with), or a real negative prompt (zero-shot: "
-                                      "it can fail badly, see the README's testbed table)."),
+                io.Conditioning.Input("negative", tooltip="Encoding of the empty prompt \"\" for plain DICE, or a "
+                                      "real negative prompt. Use a real negative only with a refiner whose file "
+                                      "says 'negative prompts supported' (trained with negatives; "
+                                      "python -m cfg_distill info FILE prints it): for refiners trained with \"\" only it can fail badly (see "
+                                      "the README's testbed table)."),
                 DiceRefinerType.Input("refiner"),
                 io.Float.Input("strength", default=1.0, min=-2.0, max=4.0, step=0.05,
                                tooltip="alpha in c + alpha * S(c, uc); 1.0 is what the refiner was trained for."),
@@ -79,8 +81,26 @@ class ApplyDiceRefiner(io.ComfyNode):
         try:
             # Only the main token tensor is refined; every other key (pooled vector, attention mask,
             # HiDream's Llama tensor, guidance, areas...) is kept as it is.
-            refined = map_entries(positive, lambda c, extras: (
-                refine_tokens(refiner, c, uc, strength, extras=extras, neg_extras=neg_extras), {}))
+            refined = []
+            for tokens, extras in positive:
+                stages = refine_ranges(refiner, tokens, uc, strength, extras=extras, neg_extras=neg_extras)
+                refined += range_entries(stages, extras)
         except ConditioningError as e:
             raise ValueError(f"Apply DICE Refiner: {e}") from None
         return io.NodeOutput(refined)
+
+
+def range_entries(stages, extras: dict) -> list:
+    """CONDITIONING entries for refine_ranges' output. A K-range refiner gives one entry per range,
+    each with ComfyUI's own start_percent / end_percent keys (as ConditioningSetTimestepRange sets
+    them), so the stock sampler evaluates exactly one per step; ranges the entry already had are
+    intersected. A single refiner (0..1) keeps the entry's keys as they are."""
+    if len(stages) == 1:
+        return [[stages[0][2], dict(extras)]]
+    own_start, own_end = extras.get("start_percent", 0.0), extras.get("end_percent", 1.0)
+    out = []
+    for start, end, tokens in stages:
+        a, b = max(start, own_start), min(end, own_end)
+        if a < b:
+            out.append([tokens, {**extras, "start_percent": a, "end_percent": b}])
+    return out

@@ -99,8 +99,12 @@ class TrainDiceRefiner(io.ComfyNode):
                                tooltip="The CFG scale w the refiner reproduces at cfg 1 (paper: 5)."),
                 io.Int.Input("steps", default=2000, min=1, max=1_000_000,
                              tooltip="Total optimizer steps (with resume: the target, not the extra)."),
-                io.Int.Input("batch_size", default=4, min=1, max=512),
-                io.Float.Input("learning_rate", default=2e-4, min=1e-7, max=1.0, step=1e-5),
+                io.Int.Input("batch_size", default=4, min=1, max=512,
+                             tooltip="Samples per micro-batch (sets the memory); the effective batch is "
+                                     "batch_size x grad_accum. Defaults: see the README's training table."),
+                io.Float.Input("learning_rate", default=5e-4, min=1e-7, max=1.0, step=1e-5,
+                               tooltip="AdamW lr. 5e-4 (testbed: 5e-4 and 1e-3 alike; the paper's 2e-4 is "
+                                       "for batch 128)."),
                 io.Combo.Input("loss", options=["l2", "l1"], default="l2",
                                tooltip="Paper: L1 for SD1.5, L2 for SDXL (both summed per sample)."),
                 io.Int.Input("width", default=512, min=64, max=4096, step=8, tooltip="Training image width (px)."),
@@ -115,6 +119,10 @@ class TrainDiceRefiner(io.ComfyNode):
                              tooltip="Teacher sampling steps per prompt when no images are given."),
                 io.Combo.Input("autocast", options=["none", "bf16", "fp16"], default="none", optional=True,
                                tooltip="Mixed precision on CUDA GPUs (ignored on CPU)."),
+                io.Int.Input("grad_accum", default=4, min=1, max=1024, optional=True,
+                             tooltip="Micro-batches per optimizer step: effective batch batch_size x grad_accum "
+                                     "at the memory of batch_size. Default 4 x 4 = 16, the batch at which the "
+                                     "testbed's recovery levels off by 2000 steps. Absent (older API workflows): 1."),
                 io.Boolean.Input("gradient_checkpointing", default=False, optional=True,
                                  tooltip="Recompute the frozen model's blocks in the backward pass instead of "
                                          "storing them: less memory (SD1.5 at 512 px on CPU: peak 11.6 -> 6.4 "
@@ -132,21 +140,22 @@ class TrainDiceRefiner(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, prompts, guidance_scale, steps, batch_size, learning_rate, loss, width, height,
                 seed, refiner_name, save_every, resume, x0_steps=8, autocast="none", images=None, vae=None,
-                captions="", gradient_checkpointing=False) -> io.NodeOutput:
+                captions="", gradient_checkpointing=False, grad_accum=1) -> io.NodeOutput:
         node_id = str(cls.hidden.unique_id) if cls.hidden else None
         prompt_graph = cls.hidden.prompt if cls.hidden else None
         result = run_training(model, clip, prompts, guidance_scale, steps, batch_size, learning_rate, loss,
                               width, height, seed, refiner_name, save_every, resume, x0_steps, autocast,
                               images, vae, captions, node_id=node_id,
                               base_checkpoint=checkpoint_of(prompt_graph, node_id),
-                              gradient_checkpointing=gradient_checkpointing)
+                              gradient_checkpointing=gradient_checkpointing, grad_accum=grad_accum)
         return io.NodeOutput(*result)
 
 
 def run_training(model, clip, prompts, guidance_scale, steps, batch_size, learning_rate, loss, width, height,
                  seed, refiner_name, save_every, resume, x0_steps=8, autocast="none", images=None, vae=None,
                  captions="", node_id=None, base_checkpoint="", should_stop=None, log_every=0, on_step=None,
-                 gradient_checkpointing=False):
+                 gradient_checkpointing=False, percent_range=(0.0, 1.0), negative_prompts="",
+                 negative_share=0.0, init=None, grad_accum=1):
     """The node's work, callable from the headless trainer too. Returns (LoadedRefiner, loss image).
 
     Headless use: should_stop() replaces ComfyUI's interrupt flag (polled before every step and while
@@ -165,7 +174,7 @@ def run_training(model, clip, prompts, guidance_scale, steps, batch_size, learni
     if images is not None and vae is None:
         raise ValueError("images were given without a VAE: connect the checkpoint's VAE to encode them")
     config = TrainConfig(guidance_scale=guidance_scale, steps=steps, batch_size=batch_size, lr=learning_rate,
-                         loss=loss, seed=seed, save_every=save_every,
+                         loss=loss, seed=seed, save_every=save_every, grad_accum=grad_accum,
                          autocast=None if autocast == "none" else autocast).validate()
 
     with torch.inference_mode(False), torch.enable_grad():
@@ -175,13 +184,19 @@ def run_training(model, clip, prompts, guidance_scale, steps, batch_size, learni
         family = family_of(model, token_dim)
         check_distillable(model, family)
         config.keep_first_token = FAMILIES.get(family, FAMILIES["other"]).keep_first_token
-        host = ComfyDistillHost(model, encoded, null, guidance_scale, batch_size, gradient_checkpointing)
+        negs = [p.strip() for p in (negative_prompts or "").splitlines() if p.strip()]
+        host = ComfyDistillHost(model, encoded, null, guidance_scale, batch_size, gradient_checkpointing,
+                                percent_range=percent_range, negatives=encode_prompts(clip, negs) if negs else None,
+                                negative_share=negative_share)
         host.load()
         try:
             _fill_x0_pool(host, texts, encoded, clip, images, vae, captions,
                           (height // 8, width // 8), x0_steps, seed, node_id, should_stop=should_stop)
             info_fields = dict(base_family=family, base_checkpoint=base_checkpoint,
-                               base_hash=_checkpoint_hash(base_checkpoint))
+                               base_hash=_checkpoint_hash(base_checkpoint),
+                               negatives=bool(negs) and negative_share > 0)
+            if tuple(percent_range) != (0.0, 1.0):  # one range of a K-range refiner (combined later)
+                info_fields["extra"] = {"trained_percent_range": [float(v) for v in percent_range]}
             pbar = comfy.utils.ProgressBar(steps, node_id=node_id)
             main_rank = _rank() == 0  # torch.distributed: all ranks hold the same weights; one writes
 
@@ -211,7 +226,7 @@ def run_training(model, clip, prompts, guidance_scale, steps, batch_size, learni
             try:
                 result = train_refiner(
                     config, host.sample_batch, host.teacher, host.student, token_dim=token_dim,
-                    device=host.device, state_path=state_path, resume=resume,
+                    device=host.device, state_path=state_path, resume=resume, init=init,
                     should_stop=should_stop or stop, on_step=report_step, info=state_info)
             except TrainingDiverged as e:
                 raise ValueError(f"Train DICE Refiner: {e}") from None

@@ -1,7 +1,7 @@
 """The quality table: CFG, DICE and TeEFusion on the testbed model, judged on image outcomes.
 
     python -m testbed.bench                 (60 held-out prompts x 4 seeds, 10 methods; a few minutes on 2 cores)
-    python -m testbed.bench --quick         (the CI subset: 12 prompts x 2 seeds, 3 methods)
+    python -m testbed.bench --quick         (the CI subset: 12 prompts x 2 seeds, 5 methods + the avoidance test)
 
 Everything is sampled by the real ComfyUI in library mode with stock semantics: the checkpoint is
 loaded by comfy.sd.load_checkpoint_guess_config (what CheckpointLoaderSimple calls), sampling is
@@ -80,8 +80,9 @@ class Runner:
             self._fast = FastEncoder()
         return self._fast.encode(prompts)
 
-    def sample(self, positive: torch.Tensor, negative: torch.Tensor, cfg: float, steps: int, seed: int, model=None):
-        """positive [B,77,768] (one row per image), negative [1 or B,77,768] -> (images [B,H,W,3], rows evaluated)."""
+    def sample(self, positive, negative: torch.Tensor, cfg: float, steps: int, seed: int, model=None):
+        """positive [B,77,768] (one row per image) or a K-range refiner's stages [(start, end, [B,77,768])],
+        negative [1 or B,77,768] -> (images [B,H,W,3], rows evaluated). model: another MODEL (a LoRA'd one)."""
         import nodes
 
         rows = [0]
@@ -92,9 +93,12 @@ class Runner:
             return apply_model(args["input"], args["timestep"], **args["c"])
 
         m.set_model_unet_function_wrapper(wrapper)
-        b = positive.shape[0]
+        if isinstance(positive, torch.Tensor):
+            pos = [[positive, {}]]
+        else:  # as the Apply DICE Refiner node emits them: one entry per range, ComfyUI's own keys
+            pos = [[t, {"start_percent": a, "end_percent": b}] for a, b, t in positive]
+        b = pos[0][0].shape[0]
         latent = {"samples": torch.zeros(b, 4, data.SIZE // 8, data.SIZE // 8)}
-        pos = [[positive, {}]]
         neg = [[negative, {}]]
         with torch.inference_mode():
             out = nodes.common_ksampler(m, seed, steps, cfg, SAMPLER, SCHEDULER, pos, neg, latent)[0]
@@ -102,22 +106,76 @@ class Runner:
         return images.reshape(-1, data.SIZE, data.SIZE, 3).float().numpy(), rows[0]
 
 
-def methods(quick: bool, refiner_available: bool) -> list[dict]:
+def methods(quick: bool, refiners: dict[str, str]) -> list[dict]:
+    """refiners: key -> label of the loaded refiner files ("dice" is the shipped one)."""
     m = [dict(name="cfg 1 (no guidance)", key="cfg1", cfg=1.0, pos="c", neg="null"),
          dict(name="CFG w=3", key="cfg3", cfg=3.0, pos="c", neg="null"),
          dict(name="CFG w=5", key="cfg5", cfg=5.0, pos="c", neg="null"),
          dict(name="CFG w=7", key="cfg7", cfg=7.0, pos="c", neg="null"),
-         dict(name="CFG w=5, negative prompt", key="cfg5_neg", cfg=5.0, pos="c", neg="negative"),
-         dict(name="DICE (w=5 refiner), cfg 1", key="dice", cfg=1.0, pos="dice", neg="null"),
-         dict(name="DICE + negative prompt, cfg 1", key="dice_neg", cfg=1.0, pos="dice_neg", neg="null"),
-         dict(name="TeEFusion fusion w=4 (training-free), cfg 1", key="teefusion4", cfg=1.0, pos="fuse4", neg="null"),
-         dict(name="TeEFusion fusion w=1 (training-free), cfg 1", key="teefusion1", cfg=1.0, pos="fuse1", neg="null"),
-         dict(name="scaled embeddings x1.2, cfg 1", key="scaled", cfg=1.0, pos="scaled", neg="null")]
-    if quick:
-        m = [x for x in m if x["key"] in ("cfg1", "cfg5", "dice")]
-    if not refiner_available:
-        m = [x for x in m if not x["key"].startswith("dice")]
+         dict(name="CFG w=5, negative prompt", key="cfg5_neg", cfg=5.0, pos="c", neg="negative")]
+    for key, label in refiners.items():
+        m += [dict(name=f"DICE ({label}), cfg 1", key=key, cfg=1.0, pos=key, neg="null"),
+              dict(name=f"DICE ({label}) + negative prompt, cfg 1", key=f"{key}_neg", cfg=1.0, pos=f"{key}_neg",
+                   neg="null")]
+    m += [dict(name="TeEFusion fusion w=4 (training-free), cfg 1", key="teefusion4", cfg=1.0, pos="fuse4", neg="null"),
+          dict(name="TeEFusion fusion w=1 (training-free), cfg 1", key="teefusion1", cfg=1.0, pos="fuse1", neg="null"),
+          dict(name="scaled embeddings x1.2, cfg 1", key="scaled", cfg=1.0, pos="scaled", neg="null")]
+    if quick:  # extra refiners: their row without a negative only
+        m = [x for x in m if x["key"] in ("cfg1", "cfg5", "cfg5_neg", "dice", "dice_neg")
+             or (x["key"].startswith("dice:") and not x["key"].endswith("_neg"))]
     return m
+
+
+# The avoidance test (what negative prompts are used for): the prompt leaves the shape's colour open,
+# the user sees the colour the method drew and re-runs the same seed with that colour as the negative
+# prompt. Measured: how many images still show the avoided colour, and whether the three attributes
+# the prompt names stay right.
+OPEN_COLOR_TEMPLATES = (
+    "a {shape} on a {background} background, {position}",
+    "{position}: {shape}, {background} background",
+    "a {background} background with a {shape} in the {position}",
+    "{shape} in the {position}, {background} backdrop",
+)
+
+
+def open_color_prompt(c: data.Combo, template: int) -> str:
+    return OPEN_COLOR_TEMPLATES[template % len(OPEN_COLOR_TEMPLATES)].format(**c.__dict__)
+
+
+def avoidance(runner, core, refiners: dict, combos, seeds: int, steps: int, seed: int, keys: list[str]) -> dict:
+    """For CFG w=5 and each DICE refiner in keys: % of images that show the colour named by the
+    negative (lower is better), with and without it, and the other three attributes' alignment."""
+    prompts = [open_color_prompt(c, i) for i, c in enumerate(combos)]
+    row_combos = [cb for cb in combos for _ in range(seeds)]
+    c = runner.encode(prompts).repeat_interleave(seeds, dim=0)
+    null = runner.encode([""])
+    out = {}
+    for key in keys:
+        def positive(uc):
+            if key == "cfg5":
+                return c
+            return [(a, b, t) for a, b, t in core.refine_ranges(refiners[key], c, uc, 1.0)]
+
+        cfg = 5.0 if key == "cfg5" else 1.0
+        t0 = time.monotonic()
+        base, _ = runner.sample(positive(null), null, cfg, steps, seed)
+        shown = [judge.judge(img).color for img in base]
+        negs = [col if col in data.COLORS else "" for col in shown]
+        neg = runner.encode(negs)
+        pos = positive(neg) if key != "cfg5" else c
+        after, _ = runner.sample(pos, neg if key == "cfg5" else null, cfg, steps, seed)
+        after_v = [judge.judge(img) for img in after]
+        named = [i for i, n in enumerate(negs) if n]
+        still = 100.0 * float(np.mean([after_v[i].color == negs[i] for i in named])) if named else float("nan")
+        other = lambda vs: 100.0 * float(np.mean([  # noqa: E731
+            np.mean([getattr(v, a) == getattr(cb, a) for a in ("shape", "background", "position")])
+            for v, cb in zip(vs, row_combos)]))
+        out[key] = dict(images=len(base), named=len(named), still_shows=still,
+                        other3_without=other([judge.judge(img) for img in base]), other3_with=other(after_v),
+                        seconds=time.monotonic() - t0)
+        print(f"  avoidance {key}: still shows the negative's colour {still:.1f}% of {len(named)}  "
+              f"other-3 alignment {out[key]['other3_without']:.1f} -> {out[key]['other3_with']:.1f}", flush=True)
+    return out
 
 
 def real_features(combos: list[data.Combo], per_combo: int = 8, seed: int = 4242) -> np.ndarray:
@@ -143,14 +201,19 @@ def run(args) -> dict:
     t_text = time.monotonic() - t0
     S = args.seeds
     rep = lambda t: t.repeat_interleave(S, dim=0)  # noqa: E731  row = prompt * S + seed
-    refiner = None
+    refiners, labels = {}, {}
     if os.path.exists(args.refiner):
-        refiner = core.load_refiner(args.refiner)
+        refiners["dice"] = core.load_refiner(args.refiner)
+        labels["dice"] = shipped_label(refiners["dice"])
+    for spec in args.extra_refiner:
+        label, _, path = spec.rpartition("=")
+        refiners[f"dice:{label}"] = core.load_refiner(path)
+        labels[f"dice:{label}"] = label
     inputs = {"c": c, "null": null, "negative": neg, "scaled": c * 1.2,
               "fuse4": core.fuse_tokens(c, null, 4.0), "fuse1": core.fuse_tokens(c, null, 1.0)}
-    if refiner is not None:
-        inputs["dice"] = core.refine_tokens(refiner, c, null, 1.0)
-        inputs["dice_neg"] = core.refine_tokens(refiner, c, neg, 1.0)
+    for key, r in refiners.items():
+        inputs[key] = core.refine_ranges(r, c, null, 1.0)
+        inputs[f"{key}_neg"] = core.refine_ranges(r, c, neg, 1.0)
     # --- TeEFusion student rows (testbed.bench_teefusion) ---
     from testbed import bench_teefusion
 
@@ -159,14 +222,15 @@ def run(args) -> dict:
     row_combos = [cb for cb in combos for _ in range(S)]
     real = real_features(combos)
     results, images = {}, {}
-    chosen = methods(args.quick, refiner is not None)
+    chosen = methods(args.quick, labels)
     chosen += bench_teefusion.methods(args.quick) if tee_models else []  # TeEFusion student rows
-    if args.methods:
-        every = methods(False, refiner is not None) + (bench_teefusion.methods(False) if tee_models else [])
+    if args.methods:  # "none": only the avoidance test
+        every = methods(False, labels) + (bench_teefusion.methods(False) if tee_models else [])
         chosen = [m for m in every if m["key"] in args.methods.split(",")]
     for m in chosen:
         t0 = time.monotonic()
-        pos = rep(inputs[m["pos"]])
+        pos = inputs[m["pos"]]
+        pos = rep(pos) if isinstance(pos, torch.Tensor) else [(a, b, rep(t)) for a, b, t in pos]
         negt = inputs["null"] if m["neg"] == "null" else rep(inputs[m["neg"]])
         imgs, rows = runner.sample(pos, negt, m["cfg"], args.steps, args.seed, model=tee_models.get(m.get("model")))
         sc = judge.score(imgs, row_combos)
@@ -180,11 +244,17 @@ def run(args) -> dict:
         for k, imgs in images.items():
             results[k]["d_cfg5"] = float(np.sqrt(((imgs - images["cfg5"]) ** 2).mean(axis=(1, 2, 3))).mean())
     bench_teefusion.rms_to_same_w(results, images)
+    avoid = {}
+    if args.avoidance:
+        keys = ["cfg5"] + [k for k in refiners if (args.methods in (None, "none") or k in args.methods.split(","))
+                           and not (args.quick and k != "dice")]
+        avoid = avoidance(runner, core, refiners, combos, S, args.steps, args.seed, keys)
     summary = summarize(results)
     bench_teefusion.summarize(results, summary)
     out = dict(prompts=prompts, seeds=S, steps=args.steps, sampler=f"{SAMPLER}/{SCHEDULER}", seed=args.seed,
-               split="held-out", refiner=os.path.basename(args.refiner) if refiner is not None else None,
-               text_seconds=t_text, results=results, summary=summary)
+               split="held-out", refiner=os.path.basename(args.refiner) if "dice" in refiners else None,
+               refiner_info={k: r.info.summary() for k, r in refiners.items()},
+               labels=labels, text_seconds=t_text, results=results, summary=summary, avoidance=avoid)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "table.json"), "w") as f:
         json.dump(out, f, indent=1)
@@ -194,13 +264,23 @@ def run(args) -> dict:
     return out
 
 
+def shipped_label(loaded) -> str:
+    i = loaded.info
+    parts = [f"w={i.guidance_scale:g} refiner" if i.guidance_scale is not None else "refiner"]
+    if i.ranges:
+        parts.append(f"{len(i.ranges)} noise ranges")
+    if i.negatives:
+        parts.append("negative-trained")
+    return ", ".join(parts)
+
+
 def summarize(results: dict) -> dict:
     s = {}
     if "cfg1" in results and "cfg5" in results:
         gap = results["cfg5"]["alignment"] - results["cfg1"]["alignment"]
         s["gap_cfg5_minus_cfg1"] = gap
-        for k in ("dice", "dice_neg", "teefusion4", "teefusion1", "scaled"):
-            if k in results and gap > 0:
+        for k in results:
+            if k.startswith(("dice", "teefusion", "scaled")) and gap > 0:
                 s[f"recovery_{k}"] = (results[k]["alignment"] - results["cfg1"]["alignment"]) / gap
     return s
 
@@ -218,10 +298,18 @@ def table_markdown(out: dict) -> str:
     s = out["summary"]
     if "gap_cfg5_minus_cfg1" in s:
         lines += ["", f"CFG w=5 minus cfg 1: {s['gap_cfg5_minus_cfg1']:+.1f} alignment points."]
-        for k, label in (("dice", "DICE"), ("dice_neg", "DICE + negative"), ("teefusion4", "TeEFusion w=4"),
-                         ("teefusion1", "TeEFusion w=1"), ("scaled", "scaled embeddings")):
-            if f"recovery_{k}" in s:
-                lines.append(f"{label} recovers {100 * s[f'recovery_{k}']:.0f}% of that gap.")
+        for k, r in out["results"].items():
+            if f"recovery_{k}" in s and not k.startswith("tee_"):
+                lines.append(f"{r['name'].replace(', cfg 1', '')} recovers {100 * s[f'recovery_{k}']:.0f}% of that gap.")
+    avoid = out.get("avoidance") or {}
+    if avoid:
+        lines += ["", "Avoidance (the prompt leaves the shape's colour open; the same seed re-run with the colour "
+                  "the method drew as the negative prompt; lower 'still shows' is better):", "",
+                  "| method | still shows the negative's colour % | other 3 attributes without negative % | "
+                  "with negative % |", "|---|---|---|---|"]
+        for k, a in avoid.items():
+            name = "CFG w=5 + negative" if k == "cfg5" else f"DICE ({out['labels'].get(k, k)}) + negative, cfg 1"
+            lines.append(f"| {name} | {a['still_shows']:.1f} | {a['other3_without']:.1f} | {a['other3_with']:.1f} |")
     from testbed import bench_teefusion
 
     lines += bench_teefusion.markdown(out)
@@ -262,6 +350,10 @@ def main(argv=None) -> int:
                     help="the TeEFusion student LoRA (rows left out when the file is missing)")
     ap.add_argument("--weights", default=WEIGHTS_DIR, help="folder with the testbed's unet / vae weights")
     ap.add_argument("--methods", default=None, help="comma-separated method keys (default: all)")
+    ap.add_argument("--extra-refiner", action="append", default=[], metavar="LABEL=PATH",
+                    help="another refiner file to compare (rows dice:LABEL and dice:LABEL_neg); repeatable")
+    ap.add_argument("--avoidance", action=argparse.BooleanOptionalAction, default=True,
+                    help="run the avoidance test (negative prompt naming the colour drawn)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--grid-rows", type=int, default=12)
     ap.add_argument("--stock-text-encode", action="store_true", help="encode prompts with CLIPTextEncode itself")

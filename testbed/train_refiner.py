@@ -43,6 +43,56 @@ def training_set(per_combo: int, seed: int) -> tuple[torch.Tensor, list[str]]:
     return torch.from_numpy(images), prompts
 
 
+OPEN_TEMPLATES = {  # captions that leave one attribute open (still true of the image)
+    "color": ("a {shape} on a {background} background, {position}", "{position}: {shape}, {background} background",
+              "a {background} background with a {shape} in the {position}", "{shape} in the {position}, {background} backdrop"),
+    "background": ("a {color} {shape}, {position}", "{position}: {color} {shape}",
+                   "a {color} {shape} in the {position}", "{color} {shape} in the {position}"),
+}
+
+
+def open_captions(prompts: list[str], seed: int, share: float) -> list[str]:
+    """Replace a share of the captions by one that leaves the shape colour or the background open, so
+    that a negative naming a value of it has something to act on. Images whose open caption would
+    also describe a held-out combination keep their full caption (no held-out prompt text in training)."""
+    train, held = data.split()
+    held_open = {(h.shape, h.background, h.position) for h in held} | {(h.color, h.shape, h.position) for h in held}
+    images_per_pass = len(train)
+    rng = np.random.default_rng(seed)
+    out = list(prompts)
+    for i in range(len(out)):
+        if rng.random() >= share:
+            continue
+        c = train[i % images_per_pass]
+        which = "color" if rng.random() < 0.5 else "background"
+        key = (c.shape, c.background, c.position) if which == "color" else (c.color, c.shape, c.position)
+        if key in held_open:
+            continue
+        t = OPEN_TEMPLATES[which]
+        out[i] = t[int(rng.integers(len(t)))].format(**c.__dict__)
+    return out
+
+
+def training_negatives(seed: int, full_prompts: int = 200) -> list[str]:
+    """Negative prompts a user might write, from training attributes only: single attribute values
+    ("red", "circle", "blue background", "top left", "a red shape") and full training prompts, half
+    of them colour-swapped (the attribute-binding error). Held-out combinations never appear."""
+    out = []
+    for col in data.COLORS:
+        out += [col, f"a {col} shape", f"{col} background"]
+    out += list(data.SHAPES) + list(data.POSITIONS)
+    train, _held = data.split()
+    rng = np.random.default_rng(seed)
+    train_set = set(train)
+    for i, k in enumerate(rng.choice(len(train), full_prompts, replace=False)):
+        c = train[int(k)]
+        swapped = data.Combo(c.background, c.shape, c.color, c.position)
+        if i % 2 and swapped in train_set:
+            c = swapped
+        out.append(c.prompt(int(rng.integers(len(data.TEMPLATES)))))
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=2000)
@@ -57,7 +107,16 @@ def main(argv=None) -> int:
     ap.add_argument("--ckpt-dir", default=os.path.join(ROOT, "out", "testbed"))
     ap.add_argument("--weights", default=WEIGHTS_DIR, help="folder with the testbed's unet / vae weights")
     ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--percent-range", default="0,1",
+                    help="train on this sampling-percent range only (start,end; 0 = first step): one range of a "
+                         "K-range refiner (see testbed.combine_ranges)")
+    ap.add_argument("--negative-share", type=float, default=0.0,
+                    help="share of samples whose second input is a negative prompt (teacher: CFG with it)")
+    ap.add_argument("--open-captions", type=float, default=0.0,
+                    help="share of captions that leave the shape colour or the background open")
+    ap.add_argument("--init", default=None, help="start from this (single) refiner file instead of zero output")
     args = ap.parse_args(argv)
+    percent_range = tuple(float(v) for v in args.percent_range.split(","))
     torch.set_num_threads(int(os.environ.get("TESTBED_THREADS", "2")))
 
     from testbed.assemble import assemble
@@ -76,6 +135,8 @@ def main(argv=None) -> int:
     model, clip, vae = comfy.sd.load_checkpoint_guess_config(ckpt)[:3]
     skip_identity_layers(clip)
     images, prompts = training_set(args.per_combo, args.seed + 11)
+    if args.open_captions:
+        prompts = open_captions(prompts, args.seed + 31, args.open_captions)
     print(f"training a DICE refiner at w={args.guidance_scale:g} on {len(prompts)} training images / prompts; "
           f"{args.steps} steps x batch {args.batch_size}, lr {args.lr:g}, {args.loss}", flush=True)
     started = time.monotonic()
@@ -88,7 +149,10 @@ def main(argv=None) -> int:
     loaded, _curve = training_node.run_training(
         model, clip, "\n".join(prompts), args.guidance_scale, args.steps, args.batch_size, args.lr, args.loss,
         data.SIZE, data.SIZE, args.seed, name, 100, args.resume, images=images, vae=vae,
-        base_checkpoint=os.path.basename(ckpt), should_stop=lambda: False, on_step=on_step)
+        base_checkpoint=os.path.basename(ckpt), should_stop=lambda: False, on_step=on_step,
+        percent_range=percent_range, negative_prompts="\n".join(training_negatives(args.seed + 23)),
+        negative_share=args.negative_share,
+        init=sys.modules[pack.__name__ + ".cfg_distill"].load_refiner(args.init).module if args.init else None)
     seconds = time.monotonic() - started
     src = os.path.join(args.work, f"{name}.safetensors")
     # Commit as float16 (half the size); the loader computes in float32 either way.
@@ -100,7 +164,11 @@ def main(argv=None) -> int:
         tensors = {k: f.get_tensor(k).to(torch.float16) for k in f.keys()}
     meta["testbed_training"] = json.dumps(dict(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                                                loss=args.loss, images=len(prompts), seconds=round(seconds),
-                                               guidance_scale=args.guidance_scale))
+                                               guidance_scale=args.guidance_scale,
+                                               percent_range=list(percent_range),
+                                               negative_share=args.negative_share,
+                                               open_captions=args.open_captions,
+                                               init=os.path.basename(args.init) if args.init else None))
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     save_file(tensors, args.out + ".tmp", metadata=meta)
     os.replace(args.out + ".tmp", args.out)

@@ -34,7 +34,7 @@ HELD_OUT = ["a blue vintage car parked in a narrow street", "portrait of an elde
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 # lr: higher than the paper's 2e-4 so that a handful of steps visibly moves the refiner.
 COMMON = ["--width", "64", "--height", "64", "--x0-steps", "1", "--lr", "2e-3", "--log-every", "1",
-          "--save-every", "0", "--seed", "3"]
+          "--save-every", "0", "--seed", "3", "--grad-accum", "1"]  # 1: the step counts below are micro-batches
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,14 @@ needs_comfy = pytest.mark.skipif(not os.path.isfile(os.path.join(COMFY_DIR, "mai
 # Quality-regression margins for the quick table (12 held-out prompts x 2 seeds, fixed seeds). The
 # measured values are in testbed/README.md; the margins leave room for other CPUs / torch builds.
 MIN_GAP_QUICK = 20.0  # CFG w=5 minus cfg 1, alignment points (measured 34.4)
-MIN_RECOVERY_QUICK = 0.5  # DICE's share of that gap (measured 0.88 on this subset)
+MIN_RECOVERY_QUICK = 0.70  # DICE's share of that gap (shipped negative-trained refiner: 0.82; issue target 0.9, not met)
+# Negative prompts (issue 11 target: DICE + negative within 5 points of CFG + negative). Colour-swapped
+# negative: measured DICE 71.9 vs CFG 63.5 on this subset. Avoidance (share of images still showing
+# the colour named by the negative; lower is better): measured CFG 0.0, DICE 46.7 - the target is
+# missed there, so this only guards against getting worse.
+MAX_NEG_SHORTFALL_QUICK = 5.0
+MAX_AVOIDANCE_STILL_SHOWS_QUICK = 65.0
+MAX_AVOIDANCE_CFG_QUICK = 10.0
 MIN_TEE_RECOVERY_QUICK = 0.6  # TeEFusion student LoRA at w=5, its share of that gap (measured 1.06 on this subset)
 
 
@@ -138,15 +145,30 @@ print("OK")
 def test_quality_regression_quick_table(tmp_path):
     """Fixed seeds: on held-out prompts CFG w=5 beats cfg 1 clearly, and DICE at cfg 1 (half the model
     evaluations) recovers most of that gain. Margins are generous; see the README for measured values."""
-    _run(["-m", "testbed.bench", "--quick", "--out", str(tmp_path), "--ckpt-dir", str(tmp_path / "ckpt")], timeout=900)
+    # The shipped refiner also as a 2-range file with the same refiner in both ranges: ComfyUI must
+    # evaluate exactly one entry per step (start/end percent), giving the very same images.
+    from cfg_distill import load_refiner
+    from cfg_distill.refiner_file import save_range_refiner
+
+    shipped = load_refiner(os.path.join(WEIGHTS_DIR, REFINER_FILE))
+    k2 = str(tmp_path / "k2same.safetensors")
+    info = shipped.info.__class__(**{**shipped.info.__dict__, "ranges": [[0, 0.5], [0.5, 1]]})
+    save_range_refiner(k2, [shipped.module, shipped.module], info)
+    _run(["-m", "testbed.bench", "--quick", "--out", str(tmp_path), "--ckpt-dir", str(tmp_path / "ckpt"),
+          "--extra-refiner", f"k2same={k2}"], timeout=900)
     with open(tmp_path / "table.json") as f:
         out = json.load(f)
-    r, s = out["results"], out["summary"]
-    assert r["cfg5"]["nfe"] == 2 * out["steps"] and r["cfg1"]["nfe"] == out["steps"] and r["dice"]["nfe"] == out["steps"]
+    r, s, a = out["results"], out["summary"], out["avoidance"]
+    steps = out["steps"]
+    assert r["cfg5"]["nfe"] == 2 * steps and r["cfg1"]["nfe"] == steps and r["dice"]["nfe"] == steps
+    assert r["dice_neg"]["nfe"] == steps and r["dice:k2same"]["nfe"] == steps
+    assert r["dice:k2same"]["alignment"] == r["dice"]["alignment"] and r["dice:k2same"]["d_cfg5"] == r["dice"]["d_cfg5"]
     assert s["gap_cfg5_minus_cfg1"] >= MIN_GAP_QUICK, s
     assert s["recovery_dice"] >= MIN_RECOVERY_QUICK, s
+    assert r["dice_neg"]["alignment"] >= r["cfg5_neg"]["alignment"] - MAX_NEG_SHORTFALL_QUICK, r
+    assert a["cfg5"]["still_shows"] <= MAX_AVOIDANCE_CFG_QUICK, a
+    assert a["dice"]["still_shows"] <= MAX_AVOIDANCE_STILL_SHOWS_QUICK, a
     # The committed TeEFusion student LoRA: one pass at cfg 1 with the prompt fused at w=5.
-    if os.path.isfile(os.path.join(WEIGHTS_DIR, "testbed-teefusion-lora.safetensors")):
-        assert r["tee_lora5"]["nfe"] == out["steps"]
-        assert s["recovery_tee_lora5"] >= MIN_TEE_RECOVERY_QUICK, s
+    assert r["tee_lora5"]["nfe"] == steps
+    assert s["recovery_tee_lora5"] >= MIN_TEE_RECOVERY_QUICK, s
     assert (tmp_path / "grid.png").stat().st_size > 0
