@@ -6,7 +6,7 @@
 #   1. everything on ComfyUI 0.3.75 with its frontend (1.32.9)                      [.venv]
 #   2. ComfyUI 0.8.0 with its pinned frontend (1.35.9): the server tests (example
 #      workflows, one model call per step, errors), the training node, the harness's
-#      progress-aware waits, the browser tests                                        [.venv-comfy080]
+#      progress-aware waits, the model families (tiny DiTs), the browser tests        [.venv-comfy080]
 #   3. the browser tests once more with the newest frontend, pinned in
 #      tools/frontend-newest.txt, served by 0.8.0 through --front-end-root           [.venv-comfy080]
 # The core tests do not depend on the ComfyUI version and run once (step 1).
@@ -49,7 +49,8 @@ if [ "$MATRIX" = full ]; then
   NEWEST_VERSION="$(pin tools/frontend-newest.txt)"
   stage "ComfyUI 0.8.0" 1 env CFG_DISTILL_COMFYUI=0.8.0 CFG_DISTILL_EXPECT_COMFYUI=0.8.0 \
     CFG_DISTILL_EXPECT_FRONTEND="$OWN_VERSION" "$ROOT/.venv-comfy080/bin/python" -m pytest \
-    tests/test_comfy_server.py tests/test_comfy_training.py tests/test_harness_waits.py tests/test_browser.py "$@"
+    tests/test_comfy_server.py tests/test_comfy_training.py tests/test_harness_waits.py tests/test_families.py \
+    tests/test_browser.py "$@"
   stage "ComfyUI 0.8.0 + frontend $NEWEST_VERSION" 1 env CFG_DISTILL_COMFYUI=0.8.0 \
     CFG_DISTILL_EXPECT_COMFYUI=0.8.0 CFG_DISTILL_FRONTEND_ROOT="$NEWEST_ROOT" \
     CFG_DISTILL_EXPECT_FRONTEND="$NEWEST_VERSION" "$ROOT/.venv-comfy080/bin/python" -m pytest \
