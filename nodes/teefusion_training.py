@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import os
 
-import numpy as np
 import torch
 
 import comfy.model_management
@@ -33,8 +32,8 @@ from ..cfg_distill.teefusion_training import (FUSION_MODULATION, FUSION_TOKENS, 
 from ..cfg_distill.training import Batch, TrainConfig, TrainingDiverged, load_training_state, train_student
 from .comfy_training import ComfyDistillHost, _stack_conditioning, encode_prompts
 from .teefusion_patch import TeEFusionYEmbedder, Y_EMBEDDER, apply_teefusion_patch
-from .training_node import (_NAME, DONE_EVENT, PROGRESS_EVENT, _checkpoint_hash, _fill_x0_pool, _progress_text,
-                            _rank, checkpoint_of, family_of, send_event)
+from .training_node import (_NAME, DONE_EVENT, _checkpoint_hash, _fill_x0_pool, _rank, checkpoint_of, family_of,
+                            final_loss, progress_reporter, send_event)
 
 log = logging.getLogger("cfg_distill")
 LORA_FOLDER = "loras"
@@ -269,26 +268,7 @@ def run_teefusion_training(model, clip, prompts, w_min, w_max, steps, batch_size
         try:
             _fill_x0_pool(host, texts, encoded, clip, images, vae, captions, (height // 8, width // 8), x0_steps,
                           seed, node_id, should_stop=should_stop)
-            pbar = comfy.utils.ProgressBar(steps, node_id=node_id)
-            cancel = [False]
-
-            def stop() -> bool:
-                return cancel[0] or comfy.model_management.processing_interrupted()
-
-            def report_step(step, total, loss_value, elapsed, eta):
-                if on_step is not None:
-                    on_step(step, total, loss_value, elapsed, eta)
-                if not main_rank:
-                    return
-                try:
-                    pbar.update_absolute(step, total)
-                except comfy.model_management.InterruptProcessingException:
-                    cancel[0] = True
-                send_event(PROGRESS_EVENT, {"node": node_id, "step": step, "total": total, "loss": loss_value,
-                                            "eta_s": eta, "elapsed_s": elapsed})
-                _progress_text(f"step {step}/{total}  loss {loss_value:.4g}  eta {eta:.0f}s", node_id)
-                if log_every and (step % log_every == 0 or step == total):
-                    log.info("step %d/%d loss %.5g eta %.0fs", step, total, loss_value, eta)
+            stop, report_step = progress_reporter(steps, node_id, on_step, main_rank, log_every)
 
             def state_meta(step):
                 info.train_steps = step
@@ -315,8 +295,7 @@ def run_teefusion_training(model, clip, prompts, w_min, w_max, steps, batch_size
 
     info.train_steps = steps_done
     file_name = f"{name}.safetensors"
-    tail = max(1, min(10, len(losses) // 10))
-    final = float(np.mean(losses[-tail:])) if losses else float("nan")
+    final = final_loss(losses)
     if main_rank:
         save_lora(os.path.join(lora_dir(), file_name), tensors, info)
         send_event(DONE_EVENT, {"node": node_id, "final_loss": final, "file": file_name, "cancelled": cancelled,

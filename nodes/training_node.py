@@ -151,6 +151,41 @@ class TrainDiceRefiner(io.ComfyNode):
         return io.NodeOutput(*result)
 
 
+
+def progress_reporter(steps: int, node_id, on_step, main_rank: bool, log_every: int):
+    """(should_stop, on_step) for the training loop: progress bar, live-view events and log lines on
+    the main rank, and the UI's Cancel, which raises inside the progress update and stops the loop
+    before the next step, keeping what was learned."""
+    pbar = comfy.utils.ProgressBar(steps, node_id=node_id)
+    cancel = [False]
+
+    def stop() -> bool:
+        return cancel[0] or comfy.model_management.processing_interrupted()
+
+    def report_step(step, total, loss_value, elapsed, eta):
+        if on_step is not None:
+            on_step(step, total, loss_value, elapsed, eta)
+        if not main_rank:
+            return
+        try:
+            pbar.update_absolute(step, total)
+        except comfy.model_management.InterruptProcessingException:
+            cancel[0] = True
+        send_event(PROGRESS_EVENT, {"node": node_id, "step": step, "total": total, "loss": loss_value,
+                                    "eta_s": eta, "elapsed_s": elapsed})
+        _progress_text(f"step {step}/{total}  loss {loss_value:.4g}  eta {eta:.0f}s", node_id)
+        if log_every and (step % log_every == 0 or step == total):
+            log.info("step %d/%d loss %.5g eta %.0fs", step, total, loss_value, eta)
+
+    return stop, report_step
+
+
+def final_loss(losses: list[float]) -> float:
+    """The mean of the last tenth (at most 10 steps): less noisy than the last loss, never dominated
+    by the first steps of a short run."""
+    tail = max(1, min(10, len(losses) // 10))
+    return float(np.mean(losses[-tail:])) if losses else float("nan")
+
 def run_training(model, clip, prompts, guidance_scale, steps, batch_size, learning_rate, loss, width, height,
                  seed, refiner_name, save_every, resume, x0_steps=8, autocast="none", images=None, vae=None,
                  captions="", node_id=None, base_checkpoint="", should_stop=None, log_every=0, on_step=None,
@@ -197,28 +232,8 @@ def run_training(model, clip, prompts, guidance_scale, steps, batch_size, learni
                                negatives=bool(negs) and negative_share > 0)
             if tuple(percent_range) != (0.0, 1.0):  # one range of a K-range refiner (combined later)
                 info_fields["extra"] = {"trained_percent_range": [float(v) for v in percent_range]}
-            pbar = comfy.utils.ProgressBar(steps, node_id=node_id)
             main_rank = _rank() == 0  # torch.distributed: all ranks hold the same weights; one writes
-
-            cancel = [False]
-
-            def stop() -> bool:
-                return cancel[0] or comfy.model_management.processing_interrupted()
-
-            def report_step(step, total, loss_value, elapsed, eta):
-                if on_step is not None:
-                    on_step(step, total, loss_value, elapsed, eta)
-                if not main_rank:
-                    return
-                try:
-                    pbar.update_absolute(step, total)
-                except comfy.model_management.InterruptProcessingException:
-                    cancel[0] = True  # the UI's Cancel: stop before the next step, keep what was learned
-                send_event(PROGRESS_EVENT, {"node": node_id, "step": step, "total": total, "loss": loss_value,
-                                            "eta_s": eta, "elapsed_s": elapsed})
-                _progress_text(f"step {step}/{total}  loss {loss_value:.4g}  eta {eta:.0f}s", node_id)
-                if log_every and (step % log_every == 0 or step == total):
-                    log.info("step %d/%d loss %.5g eta %.0fs", step, total, loss_value, eta)
+            stop, report_step = progress_reporter(steps, node_id, on_step, main_rank, log_every)
 
             state_path = state_path_for(name)
             state_info = RefinerInfo(token_dim, config.inner_dim, config.heads, guidance_scale=guidance_scale,
@@ -241,10 +256,7 @@ def run_training(model, clip, prompts, guidance_scale, steps, batch_size, learni
     info = result.info(**info_fields)
     path = os.path.join(folders.default_dir(), f"{name}.safetensors")
     refiner = result.refiner.cpu().eval().requires_grad_(False)
-    # The mean of the last tenth (at most 10 steps): less noisy than the last loss, never dominated
-    # by the first steps of a short run.
-    tail = max(1, min(10, len(result.losses) // 10))
-    final = float(np.mean(result.losses[-tail:])) if result.losses else float("nan")
+    final = final_loss(result.losses)
     if main_rank:
         save_refiner(path, refiner, info)
         send_event(DONE_EVENT, {"node": node_id, "final_loss": final, "file": os.path.basename(path),
