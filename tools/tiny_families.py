@@ -179,7 +179,20 @@ def build_family_model(name: str, seed: int = 0, bench: bool = False):
     config.set_inference_dtype(torch.float32, None)
     model = config.get_model({})
     _init_(model.diffusion_model, seed)
+    _init_checkpoint_buffers_(model.diffusion_model, seed)
     return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+
+
+def _init_checkpoint_buffers_(module: torch.nn.Module, seed: int) -> None:
+    """Floating-point buffers that a checkpoint provides (SD3's pos_embed, PixArt's null caption
+    embedding) are allocated with torch.empty by ComfyUI; left so, the model depends on whatever
+    memory they got, and tests on it on what ran before them. Fill them from the seed."""
+    g = torch.Generator().manual_seed(seed + 1)
+    saved = set(module.state_dict().keys())
+    with torch.no_grad():
+        for name, buf in module.named_buffers():
+            if name in saved and buf.is_floating_point():
+                buf.copy_(torch.randn(buf.shape, generator=g) * 0.1)
 
 
 def latent_shape(name: str, frames: int | None = None) -> tuple[int, ...]:
