@@ -47,6 +47,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=4, help="per process (default %(default)s)")
     p.add_argument("--lr", "--learning-rate", dest="lr", type=float, default=1e-4,
                    help="AdamW learning rate (LoRA scale alpha / rank = 1; default %(default)g)")
+    p.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant",
+                   help="cosine: the learning rate falls to 0 over --steps (default %(default)s)")
+    p.add_argument("--init-lora", default=None, metavar="FILE",
+                   help="continue from a student LoRA made by this pack for the same checkpoint and rank")
     p.add_argument("--loss", choices=["l2", "l1"], default="l2")
     p.add_argument("--width", type=int, default=512)
     p.add_argument("--height", type=int, default=512)
@@ -131,7 +135,8 @@ def _run(args, d, comfy_dir: str, use_cpu: bool) -> int:
                 model, clip, prompts, args.w_min, args.w_max, args.steps, args.batch_size, args.lr, args.rank,
                 args.loss, args.width, args.height, args.seed, name, args.save_every, args.resume, args.x0_steps,
                 args.autocast, base_checkpoint=ckpt_name, should_stop=stop, log_every=args.log_every,
-                on_step=progress, gradient_checkpointing=args.gradient_checkpointing)
+                on_step=progress, gradient_checkpointing=args.gradient_checkpointing, lr_schedule=args.lr_schedule,
+                init_lora=os.path.abspath(os.path.expanduser(args.init_lora)) if args.init_lora else None)
     except comfy.model_management.InterruptProcessingException:
         log.warning("cancelled while preparing the training latents: nothing was trained or saved")
         return dice.EXIT_CANCELLED

@@ -98,6 +98,7 @@ class LoraInfo:
     base_hash: str = ""
     train_steps: int = 0
     fuse_pooled: bool = True
+    continued_from: str = ""  # the LoRA this one was trained on from (its file name and steps), if any
 
     def to_metadata(self) -> dict[str, str]:
         d = asdict(self)
@@ -142,6 +143,34 @@ def lora_state_dict(layers: dict[str, tuple[torch.Tensor, torch.Tensor, float, t
         out[f"{key}.lora_up.weight"] = up.to(dtype).contiguous()
         out[f"{key}.lora_down.weight"] = down.to(dtype).contiguous()
         out[f"{key}.alpha"] = torch.tensor(float(alpha), dtype=dtype)
+    return out
+
+
+def lora_layers_from_state_dict(tensors: dict[str, torch.Tensor], shapes: dict[str, tuple],
+                                rank: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The inverse of lora_state_dict for a model's adaptable modules {module name: weight shape}:
+    {module: (up [out, r], down [r, in * kh * kw])} in float32. A file made for another model or rank
+    is refused, naming the first mismatch."""
+    expected = {lora_key(m): m for m in shapes}
+    own = {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in tensors}
+    unknown = sorted(own - set(expected))
+    if unknown:
+        raise ValueError(f"the LoRA has layers this model does not have (e.g. {unknown[0]!r}): it was made for "
+                         "another base model")
+    missing = sorted(set(expected) - own)
+    if missing:
+        raise ValueError(f"the LoRA lacks {len(missing)} of this model's layers (e.g. {missing[0]!r}): it was made "
+                         "for another base model or by another trainer")
+    out = {}
+    for key, module in expected.items():
+        up, down = tensors[f"{key}.lora_up.weight"], tensors[f"{key}.lora_down.weight"]
+        shape = shapes[module]
+        in_dim = math.prod(shape[1:])
+        if up.shape[0] != shape[0] or up.numel() != shape[0] * rank or down.numel() != rank * in_dim:
+            raise ValueError(f"LoRA layer {key!r} has up {tuple(up.shape)} / down {tuple(down.shape)}; this model's "
+                             f"weight {tuple(shape)} at rank {rank} needs up ({shape[0]}, {rank}) and down "
+                             f"({rank}, {in_dim})")
+        out[module] = (up.float().reshape(shape[0], rank), down.float().reshape(rank, in_dim))
     return out
 
 

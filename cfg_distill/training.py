@@ -70,6 +70,16 @@ class TrainingStateError(ValueError):
     """A training-state file that cannot be resumed from; the message says why."""
 
 
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def lr_at(config: "TrainConfig", step: int) -> float:
+    """Learning rate of optimizer step `step` (0-based). Cosine: half a cosine from lr to 0 over config.steps."""
+    if config.lr_schedule == "cosine":
+        return config.lr * 0.5 * (1.0 + math.cos(math.pi * min(step, config.steps) / config.steps))
+    return config.lr
+
+
 @dataclass
 class TrainConfig:
     """Settings of one distillation run. Defaults follow the DICE paper (AdamW 2e-4, wd 1e-2, w 5).
@@ -81,6 +91,7 @@ class TrainConfig:
     steps: int = 4000
     batch_size: int = 8
     lr: float = 2e-4
+    lr_schedule: str = "constant"  # "constant" | "cosine" (lr -> 0 over `steps`; a function of the step, so resume is exact)
     weight_decay: float = 1e-2
     betas: tuple[float, float] = (0.9, 0.999)
     loss: str = "l2"  # paper: "l1" for SD1.5, "l2" for SDXL; both summed / batch
@@ -110,6 +121,8 @@ class TrainConfig:
              f"save_every must be an integer >= 0, 0 = only at the end (got {self.save_every!r})")
         need(isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0,
              f"lr must be a finite number > 0, e.g. 2e-4 (got {self.lr!r})")
+        need(self.lr_schedule in LR_SCHEDULES,
+             f"lr_schedule must be one of {', '.join(LR_SCHEDULES)} (got {self.lr_schedule!r})")
         need(isinstance(self.weight_decay, (int, float)) and 0 <= self.weight_decay < math.inf,
              f"weight_decay must be a finite number >= 0 (got {self.weight_decay!r})")
         need(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
@@ -413,6 +426,8 @@ def _train_step(student: Student, optimizer, scaler, sample_batch, teacher, conf
                 step: int, generator, amp_dtype, device) -> float:
     """One optimizer step over grad_accum micro-batches (and all ranks); returns the global loss."""
     optimizer.zero_grad(set_to_none=True)
+    for group in optimizer.param_groups:
+        group["lr"] = lr_at(config, step)
     params = [p for _, p in student.named_trainable()]
     amp = (lambda: torch.autocast("cuda", dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
     total = torch.zeros((), device=device)

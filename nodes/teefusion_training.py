@@ -27,7 +27,8 @@ from ..cfg_distill.checkpointing import checkpointed_blocks
 from ..cfg_distill.plot import loss_curve_image
 from ..cfg_distill.prompts import default_prompts
 from ..cfg_distill.teefusion_training import (FUSION_MODULATION, FUSION_TOKENS, LoraInfo, LoraStudent,
-                                             cfg_per_sample, draw_w, fuse_per_sample, lora_state_dict, save_lora,
+                                             cfg_per_sample, draw_w, fuse_per_sample, lora_layers_from_state_dict,
+                                             lora_state_dict, save_lora,
                                              validate_w_range)
 from ..cfg_distill.training import Batch, TrainConfig, TrainingDiverged, load_training_state, train_student
 from .comfy_training import ComfyDistillHost, _stack_conditioning, encode_prompts
@@ -99,6 +100,16 @@ class TeEFusionLoraHost(ComfyDistillHost):
             out.append((f"{name}.lora_down", adapter.lora_down.weight))
         return out
 
+    def load_lora_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Start from a saved student LoRA (continued training) instead of the fresh initialisation."""
+        shapes = {name: shape for name, (_a, shape) in self.adapters.items()}
+        layers = lora_layers_from_state_dict(tensors, shapes, self.rank)
+        with torch.no_grad():
+            for name, (up, down) in layers.items():
+                adapter = self.adapters[name][0]
+                adapter.lora_up.weight.copy_(up)
+                adapter.lora_down.weight.copy_(down)
+
     def lora_tensors(self, dtype=torch.float16) -> dict[str, torch.Tensor]:
         return lora_state_dict({name: (a.lora_up.weight, a.lora_down.weight, float(a.alpha), shape)
                                 for name, (a, shape) in self.adapters.items()}, dtype)
@@ -163,6 +174,9 @@ def state_path_for(name: str) -> str:
     return os.path.join(lora_dir(), f"{name}.teefusion-train-state")
 
 
+NO_INIT = "none (fresh LoRA)"
+
+
 class TrainTeEFusion(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -205,6 +219,12 @@ class TrainTeEFusion(io.ComfyNode):
                 io.Image.Input("images", optional=True, tooltip="Real images to noise."),
                 io.Vae.Input("vae", optional=True, tooltip="Needed with images."),
                 io.String.Input("captions", multiline=True, optional=True, default=""),
+                io.Combo.Input("lr_schedule", options=["constant", "cosine"], default="constant", optional=True,
+                               tooltip="cosine: the learning rate falls to 0 over the run (a final polish)."),
+                io.Combo.Input("continue_from", options=[NO_INIT] + folder_paths.get_filename_list(LORA_FOLDER),
+                               default=NO_INIT, optional=True,
+                               tooltip="Start from a student LoRA saved by Train TeEFusion for this checkpoint (same "
+                                       "rank) instead of a fresh one, e.g. for a cosine polish."),
             ],
             outputs=[io.Model.Output(display_name="model"), io.String.Output(display_name="lora_name"),
                      io.Image.Output(display_name="loss_curve")],
@@ -215,24 +235,49 @@ class TrainTeEFusion(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, prompts, w_min, w_max, steps, batch_size, learning_rate, rank, loss, width,
                 height, seed, lora_name, save_every, resume, x0_steps=8, autocast="none",
-                gradient_checkpointing=False, images=None, vae=None, captions="") -> io.NodeOutput:
+                gradient_checkpointing=False, images=None, vae=None, captions="", lr_schedule="constant",
+                continue_from=NO_INIT) -> io.NodeOutput:
         node_id = str(cls.hidden.unique_id) if cls.hidden else None
         graph = cls.hidden.prompt if cls.hidden else None
         out = run_teefusion_training(model, clip, prompts, w_min, w_max, steps, batch_size, learning_rate, rank,
                                      loss, width, height, seed, lora_name, save_every, resume, x0_steps, autocast,
                                      images, vae, captions, node_id=node_id,
                                      base_checkpoint=checkpoint_of(graph, node_id),
-                                     gradient_checkpointing=gradient_checkpointing)
+                                     gradient_checkpointing=gradient_checkpointing, lr_schedule=lr_schedule,
+                                     init_lora=None if continue_from in (None, "", NO_INIT) else
+                                     folder_paths.get_full_path_or_raise(LORA_FOLDER, continue_from))
         return io.NodeOutput(*out)
+
+
+def _read_init_lora(path: str):
+    """(tensors, LoraInfo) of a student LoRA made by this pack; a clear error for anything else."""
+    from safetensors import SafetensorError, safe_open
+
+    name = os.path.basename(path)
+    if not os.path.isfile(path):
+        raise ValueError(f"init LoRA {path!r} does not exist: give the path of a .safetensors student LoRA")
+    try:
+        with safe_open(path, framework="pt") as f:
+            info = LoraInfo.from_metadata(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"init LoRA {name!r} is not a readable .safetensors file ({e})") from None
+    if info is None:
+        raise ValueError(f"init LoRA {name!r} has no TeEFusion student metadata: only LoRAs saved by Train TeEFusion "
+                         "can be continued")
+    return tensors, info
 
 
 def run_teefusion_training(model, clip, prompts, w_min, w_max, steps, batch_size, learning_rate, rank, loss, width,
                            height, seed, lora_name, save_every, resume, x0_steps=8, autocast="none", images=None,
                            vae=None, captions="", node_id=None, base_checkpoint="", should_stop=None, log_every=0,
-                           on_step=None, gradient_checkpointing=False, alpha=None):
+                           on_step=None, gradient_checkpointing=False, alpha=None, lr_schedule="constant",
+                           init_lora=None):
     """The node's work, also for the headless trainer. Returns (MODEL with the LoRA, file name, loss image).
 
-    Same contract as training_node.run_training (should_stop, on_step, events, cancel, resume, NaN)."""
+    Same contract as training_node.run_training (should_stop, on_step, events, cancel, resume, NaN).
+    init_lora: path of a student LoRA of this pack (same base model and rank) to continue from instead of
+    a fresh initialisation; a saved state of this name (resume) takes precedence over it."""
     name = (lora_name or "").strip()
     if name.endswith(".safetensors"):
         name = name[: -len(".safetensors")]
@@ -249,8 +294,9 @@ def run_teefusion_training(model, clip, prompts, w_min, w_max, steps, batch_size
     if images is not None and vae is None:
         raise ValueError("images were given without a VAE: connect the checkpoint's VAE to encode them")
     config = TrainConfig(guidance_scale=(w_min + w_max) / 2, steps=steps, batch_size=batch_size, lr=learning_rate,
-                         loss=loss, seed=seed, save_every=save_every,
+                         loss=loss, seed=seed, save_every=save_every, lr_schedule=lr_schedule,
                          autocast=None if autocast == "none" else autocast).validate()
+    init_tensors, init_info = _read_init_lora(init_lora) if init_lora else (None, None)
     main_rank = _rank() == 0
     state_path = state_path_for(name)
 
@@ -263,6 +309,13 @@ def run_teefusion_training(model, clip, prompts, w_min, w_max, steps, batch_size
         info = LoraInfo(w_min=float(w_min), w_max=float(w_max), fusion=host.fusion, rank=rank, alpha=alpha,
                         base_family=family, base_checkpoint=base_checkpoint,
                         base_hash=_checkpoint_hash(base_checkpoint))
+        if init_tensors is not None:
+            if init_info.fusion != host.fusion or init_info.rank != rank:
+                raise ValueError(f"init LoRA {os.path.basename(init_lora)!r} is a {init_info.summary()}; this run "
+                                 f"trains rank {rank} with fusion {host.fusion}: pick a LoRA made for this model "
+                                 "with the same rank")
+            host.load_lora_tensors(init_tensors)
+            info.continued_from = f"{os.path.basename(init_lora)} ({init_info.train_steps} steps)"
         student = LoraStudent(host.named_trainable(), host.predict, rank)
         host.load()
         try:

@@ -42,6 +42,8 @@ def main(argv=None) -> int:
     ap.add_argument("--ckpt-dir", default=os.path.join(ROOT, "out", "testbed"))
     ap.add_argument("--weights", default=WEIGHTS_DIR, help="folder with the testbed's unet / vae weights")
     ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant")
+    ap.add_argument("--init", default=None, help="continue from this student LoRA (e.g. the committed one)")
     args = ap.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("TESTBED_THREADS", "2")))
 
@@ -73,7 +75,8 @@ def main(argv=None) -> int:
     _model, file_name, _curve = tt.run_teefusion_training(
         model, clip, "\n".join(prompts), args.w_min, args.w_max, args.steps, args.batch_size, args.lr, args.rank,
         args.loss, data.SIZE, data.SIZE, args.seed, name, 100, args.resume, images=images, vae=vae,
-        base_checkpoint=os.path.basename(ckpt), should_stop=lambda: False, on_step=on_step)
+        base_checkpoint=os.path.basename(ckpt), should_stop=lambda: False, on_step=on_step,
+        lr_schedule=args.lr_schedule, init_lora=args.init)
     seconds = time.monotonic() - started
     src = os.path.join(args.work, file_name)
     from safetensors import safe_open
@@ -84,7 +87,8 @@ def main(argv=None) -> int:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     meta["testbed_training"] = json.dumps(dict(steps=args.steps, batch_size=args.batch_size, lr=args.lr, rank=args.rank,
                                                loss=args.loss, images=len(prompts), seconds=round(seconds),
-                                               w_min=args.w_min, w_max=args.w_max))
+                                               w_min=args.w_min, w_max=args.w_max, lr_schedule=args.lr_schedule,
+                                               init=os.path.basename(args.init) if args.init else None))
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     save_file(tensors, args.out + ".tmp", metadata=meta)
     os.replace(args.out + ".tmp", args.out)

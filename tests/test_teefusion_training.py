@@ -190,6 +190,34 @@ def test_nan_and_bad_settings_are_clear(env):
         _train(env, "bad", 2, rank=0)
 
 
+def test_continue_from_a_saved_lora(env):
+    """continue_from / --init-lora: the run starts from the saved LoRA's weights, not a fresh init; a
+    LoRA of another rank or a file without student metadata is refused by name."""
+    _train(env, "first", 4)
+    first, _ = _lora(env, "first")
+    path = str(env["loras"] / "first.safetensors")
+    # lr so small that one step cannot move the weights: what is saved is where the run started.
+    _train(env, "continued", 1, learning_rate=1e-9, init_lora=path, lr_schedule="cosine")
+    _train(env, "fresh", 1, learning_rate=1e-9)
+    cont, meta = _lora(env, "continued")
+    fresh, _ = _lora(env, "fresh")
+    downs = [k for k in first if k.endswith("lora_down.weight")]
+    assert any(first[k].abs().max() > 0 for k in downs) and all(fresh[k].abs().max() == 0 for k in downs)
+    for k in first:
+        assert torch.allclose(cont[k].float(), first[k].float(), atol=1e-3, rtol=1e-3), k
+    assert '"continued_from": "first.safetensors (4 steps)"' in meta["cfg_distill_teefusion"]
+
+    with pytest.raises(ValueError, match="same rank"):
+        _train(env, "other_rank", 1, rank=2, init_lora=path)
+    ckpt = env["loras"] / "not-a-student.safetensors"
+    from safetensors.torch import save_file
+    save_file({"x": torch.zeros(2)}, str(ckpt))
+    with pytest.raises(ValueError, match="no TeEFusion student metadata"):
+        _train(env, "bad_init", 1, init_lora=str(ckpt))
+    with pytest.raises(ValueError, match="does not exist"):
+        _train(env, "bad_init", 1, init_lora=str(env["loras"] / "missing.safetensors"))
+
+
 def test_mmdit_student_uses_the_released_mechanism(env):
     """Tiny SD3 (ComfyUI's MMDiT), synthetic encodings: the student's pass at a constant w equals the
     TeEFusion Model Patch at that w (tokens unfused); the teacher is plain CFG of the base model; a few

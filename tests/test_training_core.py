@@ -280,12 +280,45 @@ def test_divergence_keeps_the_last_good_state_and_raises(tmp_path):
     ("betas", (0.9, 1.5), "betas"),
     ("weight_decay", -0.1, "weight_decay"),
     ("inner_dim", 30, "inner_dim"),
+    ("lr_schedule", "linear", "lr_schedule must be one of constant, cosine"),
 ])
 def test_bad_settings_raise_clear_errors(setting, value, words):
     called = []
     with pytest.raises(ValueError, match=words.replace("(", r"\(").replace(")", r"\)")):
         train(TrainConfig(**{setting: value}), sample_batch=lambda *a: called.append(1))
     assert not called  # rejected before any work
+
+
+def test_cosine_schedule_reaches_the_optimizer_and_resumes_exactly(tmp_path):
+    from cfg_distill.training import lr_at
+
+    config = TrainConfig(steps=12, batch_size=4, lr_schedule="cosine", save_every=4, **FAST)
+    assert lr_at(config, 0) == config.lr and lr_at(config, 12) == 0.0
+    assert lr_at(config, 6) == pytest.approx(config.lr / 2)
+    assert lr_at(TrainConfig(**FAST), 7) == FAST["lr"]
+    seen = []
+    real_step = torch.optim.AdamW.step
+
+    def spy(self, *a, **k):
+        seen.append(self.param_groups[0]["lr"])
+        return real_step(self, *a, **k)
+
+    torch.optim.AdamW.step = spy
+    try:
+        full = train(config)
+    finally:
+        torch.optim.AdamW.step = real_step
+    assert seen == pytest.approx([lr_at(config, s) for s in range(12)])
+    assert train(TrainConfig(steps=12, batch_size=4, **FAST)).losses != full.losses  # the schedule matters
+
+    path = str(tmp_path / "cosine.safetensors")
+    done = []
+    first = train(config, state_path=path, should_stop=lambda: len(done) >= 5, on_step=lambda s, *_: done.append(s))
+    assert first.cancelled and first.step == 5
+    resumed = train(config, state_path=path, resume=True)
+    assert resumed.losses == full.losses
+    for k, v in weights(full.refiner).items():
+        assert torch.equal(v, resumed.refiner.state_dict()[k]), k
 
 
 def test_bad_inputs(tmp_path):
