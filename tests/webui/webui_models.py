@@ -11,7 +11,7 @@
 - DICE refiners: one for SD1.5 (768-d), one for SDXL (wrong family here), a corrupt file.
 - TeEFusion student LoRAs (models/Lora/): one trained for the tiny checkpoint by this pack's headless
   trainer (train_teefusion_lora.py), the same checkpoint with that LoRA merged into its weights (the
-  reference: what `<lora:name:1>` must give), and an SD3-student LoRA written by the pack's saver whose
+  reference: what `<lora:name:1>` must give), and SDXL / SD3 students written by the pack's saver whose
   keys name modules an SD1.5 UNet does not have.
 """
 from __future__ import annotations
@@ -106,7 +106,6 @@ def write_refiners(folder: str) -> dict[str, str]:
 
 STUDENT = "tiny-teefusion"  # models/Lora/<STUDENT>.safetensors, trained for tiny.safetensors
 MERGED = "tiny-teefusion-merged"  # tiny.safetensors + the student's weight change at multiplier 1
-MISMATCHED = "sd3-teefusion"  # an SD3 student: its keys match no module of an SD1.5 UNet
 STUDENT_PROMPTS = ["a red circle on a blue background", "a green square on a white background",
                    "a yellow triangle on a black background", "a blue circle on a red background"]
 
@@ -169,20 +168,28 @@ def merge_lora(ckpt: str, lora: str, out: str, multiplier: float = 1.0) -> int:
     return len(modules)
 
 
-def write_mismatched_student(folder: str, name: str = MISMATCHED) -> str:
-    """A TeEFusion student for SD3 (MMDiT module names), written with the pack's own saver."""
-    from cfg_distill.teefusion_training import FUSION_MODULATION, LoraInfo, lora_state_dict, save_lora
+# Students for other families, with module names an SD1.5 UNet does not have: SDXL's label embedder
+# and second transformer blocks (fused tokens), SD3's joint blocks (the modulation mechanism).
+MISMATCHED_MODULES = {
+    "sdxl": ("tokens", {"label_emb.0.0": (320, 2816), "input_blocks.7.1.transformer_blocks.1.attn2.to_k": (1280, 2048),
+                        "input_blocks.7.1.transformer_blocks.1.attn2.to_v": (1280, 2048)}),
+    "sd3": ("mmdit-modulation", {f"joint_blocks.{i}.{part}": shape for i in range(2) for part, shape in (
+        ("context_block.attn.qkv", (192, 64)), ("x_block.attn.qkv", (192, 64)), ("x_block.mlp.fc1", (256, 64)),
+        ("x_block.mlp.fc2", (64, 256)))}),
+}
 
+
+def write_mismatched_student(folder: str, family: str) -> str:
+    """A TeEFusion student of another family, written with the pack's own saver (random weights)."""
+    from cfg_distill.teefusion_training import LoraInfo, lora_state_dict, save_lora
+
+    fusion, modules = MISMATCHED_MODULES[family]
     g = torch.Generator().manual_seed(11)
-    layers = {}
-    for i in range(2):
-        for part, (out_f, in_f) in (("context_block.attn.qkv", (192, 64)), ("x_block.attn.qkv", (192, 64)),
-                                    ("x_block.mlp.fc1", (256, 64)), ("x_block.mlp.fc2", (64, 256))):
-            layers[f"diffusion_model.joint_blocks.{i}.{part}"] = (
-                torch.randn(out_f, 4, generator=g), torch.randn(4, in_f, generator=g), 4.0, (out_f, in_f))
-    path = os.path.join(folder, f"{name}.safetensors")
-    save_lora(path, lora_state_dict(layers), LoraInfo(w_min=2.0, w_max=8.0, fusion=FUSION_MODULATION, rank=4,
-                                                      alpha=4.0, base_family="sd3", train_steps=10))
+    layers = {f"diffusion_model.{m}": (torch.randn(o, 4, generator=g), torch.randn(4, i, generator=g), 4.0, (o, i))
+              for m, (o, i) in modules.items()}
+    path = os.path.join(folder, f"{family}-teefusion.safetensors")
+    save_lora(path, lora_state_dict(layers), LoraInfo(w_min=2.0, w_max=8.0, fusion=fusion, rank=4, alpha=4.0,
+                                                      base_family=family, train_steps=10))
     return path
 
 
@@ -191,7 +198,8 @@ def write_students(ckpt_folder: str, lora_folder: str) -> None:
     ckpt = os.path.join(ckpt_folder, "tiny.safetensors")
     student = train_student(ckpt, lora_folder)
     merge_lora(ckpt, student, os.path.join(ckpt_folder, f"{MERGED}.safetensors"))
-    write_mismatched_student(lora_folder)
+    for family in MISMATCHED_MODULES:
+        write_mismatched_student(lora_folder, family)
 
 
 if __name__ == "__main__":  # python -m tests.webui.webui_models OUT WEBUI_CONFIGS
