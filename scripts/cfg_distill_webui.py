@@ -329,7 +329,12 @@ class CfgDistillScript(scripts.Script):
         p.extra_generation_params.update(logic.infotext_params(settings, refiner_hash))
 
         if settings.mode == logic.MODE_TEEFUSION:
-            for note in _student_notes(p, settings.w):
+            try:
+                notes = _student_notes(p, settings.w)
+            except Exception as e:  # advisory only: never stop a generation over a header we could not read
+                print(f"[cfg-distill] could not check the TeEFusion student LoRAs of the prompt: {e}")
+                notes = []
+            for note in notes:
                 _say(p, f"[cfg-distill] {note}")
 
         hr_cfg = getattr(p, "hr_cfg", None) if forge and getattr(p, "enable_hr", False) else None
