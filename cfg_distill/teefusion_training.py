@@ -106,8 +106,10 @@ class LoraInfo:
                 "cfg_distill.fusion": self.fusion, "cfg_distill.base_family": self.base_family,
                 "cfg_distill.base_checkpoint": self.base_checkpoint, "ss_network_dim": str(self.rank),
                 "ss_network_alpha": f"{self.alpha:g}", _METADATA_KEY: json.dumps(d, sort_keys=True),
-                "cfg_distill.usage": ("load with LoraLoaderModelOnly (strength 1), fuse the conditioning at w "
-                                      "(TeEFusion Conditioning, or TeEFusion Model Patch for SD3), sample at cfg 1")}
+                "cfg_distill.usage": ("ComfyUI: load with LoraLoaderModelOnly (strength 1), fuse the conditioning at w "
+                                      "(TeEFusion Conditioning, or TeEFusion Model Patch for SD3), sample at cfg 1. "
+                                      "A1111 / Forge (UNet families): <lora:NAME:1> in the prompt, CFG distill mode "
+                                      "TeEFusion at w, CFG scale 1")}
 
     @classmethod
     def from_metadata(cls, meta: dict[str, str]) -> "LoraInfo | None":

@@ -27,6 +27,7 @@ import torch
 
 from cfg_distill import ConditioningError, RefinerFileError
 from cfg_distill import webui_logic as logic
+from cfg_distill import webui_students
 from modules import devices, prompt_parser, script_callbacks, scripts, shared
 
 try:  # models/ of the webui; `paths` has been there since 2022, fall back to the data dir
@@ -327,6 +328,15 @@ class CfgDistillScript(scripts.Script):
         setattr(p, RUN_ATTR, run)
         p.extra_generation_params.update(logic.infotext_params(settings, refiner_hash))
 
+        if settings.mode == logic.MODE_TEEFUSION:
+            try:
+                notes = _student_notes(p, settings.w)
+            except Exception as e:  # advisory only: never stop a generation over a header we could not read
+                print(f"[cfg-distill] could not check the TeEFusion student LoRAs of the prompt: {e}")
+                notes = []
+            for note in notes:
+                _say(p, f"[cfg-distill] {note}")
+
         hr_cfg = getattr(p, "hr_cfg", None) if forge and getattr(p, "enable_hr", False) else None
         warning = logic.cfg_warning(settings.mode, p.cfg_scale, hr_cfg)
         if warning:
@@ -418,6 +428,34 @@ def _prepare(p, settings: logic.Settings):
                                       is_sdxl=bool(getattr(model, "is_sdxl", False)))
     logic.check_refiner_for_model(loaded.info, settings.refiner, model_dim)
     return logic.CondTransform(settings, loaded), STORE.short_hash(settings.refiner)
+
+
+def lora_folder() -> str:
+    """The webui's LoRA folder (--lora-dir of its Lora extension, both webuis: models/Lora)."""
+    return getattr(shared.cmd_opts, "lora_dir", None) or os.path.join(_MODELS_PATH, "Lora")
+
+
+def _student_notes(p, w: float) -> list[str]:
+    """TeEFusion with a student LoRA loaded by the webui's own LoRA support (<lora:name:1> in the
+    prompt): read each named file's header and say when the student does not fit this run."""
+    if getattr(p, "disable_extra_networks", False):
+        return []
+    prompts = list(getattr(p, "all_prompts", None) or [getattr(p, "prompt", "") or ""])
+    if getattr(p, "enable_hr", False) and getattr(p, "all_hr_prompts", None):
+        prompts += list(p.all_hr_prompts)
+    students = []
+    for name in webui_students.lora_names(prompts):
+        path = webui_students.find_lora_file(lora_folder(), name)
+        student = webui_students.read_student(path, name) if path else None
+        if student is not None:
+            students.append(student)
+    if not students:
+        return []
+    model = getattr(p, "sd_model", None) or shared.sd_model
+    family = webui_students.model_family(is_sd1=bool(getattr(model, "is_sd1", False)),
+                                         is_sd2=bool(getattr(model, "is_sd2", False)),
+                                         is_sdxl=bool(getattr(model, "is_sdxl", False)))
+    return webui_students.student_notes(students, w, family)
 
 
 def _can_skip(p) -> bool:

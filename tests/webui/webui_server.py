@@ -7,6 +7,8 @@ test session, started on first use with a fresh data folder:
   shared-models/Stable-diffusion/tiny(.safetensors|.yaml), tiny-inpainting(...)  (--ckpt-dir, both)
   data/models/VAE-taesd -> shared-models/VAE-taesd (taesd_{decoder,encoder}.pth)
   data/models/dice_refiners/*.safetensors
+  data/models/Lora -> shared-models/Lora (TeEFusion student LoRAs; its merged reference checkpoint is
+                      shared-models/Stable-diffusion/tiny-teefusion-merged)
 Settings that make tiny random models work: TAESD decode / encode (the checkpoint's VAE is a
 TAESD), and emphasis "No norm" (the default turns the empty prompt into NaN with a random text
 encoder).
@@ -52,7 +54,7 @@ def _free_port() -> int:
 
 
 def _shared_models(tmp_root: str, name: str) -> str:
-    """Checkpoints (+ yaml) and TAESD files, written once per session for both webuis."""
+    """Checkpoints (+ yaml), TAESD files and student LoRAs, written once per session for both webuis."""
     shared = os.path.join(tmp_root, "shared-models")
     if os.path.isdir(shared):
         return shared
@@ -65,7 +67,8 @@ def _shared_models(tmp_root: str, name: str) -> str:
         "c = os.path.join(sys.argv[2], 'Stable-diffusion'); os.makedirs(c);"
         "t = m.write_checkpoint(os.path.join(c, 'tiny.safetensors'), sys.argv[3]);"
         "m.write_checkpoint(os.path.join(c, 'tiny-inpainting.safetensors'), sys.argv[3], seed=3, inpainting=True);"
-        "m.write_taesd(t, os.path.join(sys.argv[2], 'VAE-taesd'))"
+        "m.write_taesd(t, os.path.join(sys.argv[2], 'VAE-taesd'));"
+        "m.write_students(c, os.path.join(sys.argv[2], 'Lora'))"
     )
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1")
     partial = shared + ".partial"
@@ -78,6 +81,7 @@ def _make_data(name: str, data: str, shared: str) -> None:
     models = os.path.join(data, "models")
     os.makedirs(models, exist_ok=True)
     os.symlink(os.path.join(shared, "VAE-taesd"), os.path.join(models, "VAE-taesd"))
+    os.symlink(os.path.join(shared, "Lora"), os.path.join(models, "Lora"))  # the webui's default --lora-dir
     code = ("import sys; sys.path.insert(0, sys.argv[1]); from tests.webui import webui_models as m;"
             "m.write_refiners(sys.argv[2])")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1")
