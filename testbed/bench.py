@@ -1,7 +1,7 @@
 """The quality table: CFG, DICE and TeEFusion on the testbed model, judged on image outcomes.
 
     python -m testbed.bench                 (60 held-out prompts x 4 seeds, 10 methods; a few minutes on 2 cores)
-    python -m testbed.bench --quick         (the CI subset: 12 prompts x 2 seeds, 5 methods + the avoidance test)
+    python -m testbed.bench --quick         (the CI subset: 12 prompts x 2 seeds, 7 methods, the student at 3 w + the avoidance test)
 
 Everything is sampled by the real ComfyUI in library mode with stock semantics: the checkpoint is
 loaded by comfy.sd.load_checkpoint_guess_config (what CheckpointLoaderSimple calls), sampling is
@@ -120,8 +120,8 @@ def methods(quick: bool, refiners: dict[str, str]) -> list[dict]:
     m += [dict(name="TeEFusion fusion w=4 (training-free), cfg 1", key="teefusion4", cfg=1.0, pos="fuse4", neg="null"),
           dict(name="TeEFusion fusion w=1 (training-free), cfg 1", key="teefusion1", cfg=1.0, pos="fuse1", neg="null"),
           dict(name="scaled embeddings x1.2, cfg 1", key="scaled", cfg=1.0, pos="scaled", neg="null")]
-    if quick:  # extra refiners: their row without a negative only
-        m = [x for x in m if x["key"] in ("cfg1", "cfg5", "cfg5_neg", "dice", "dice_neg")
+    if quick:  # extra refiners: their row without a negative only; CFG 3 / 7: the TeEFusion student's references
+        m = [x for x in m if x["key"] in ("cfg1", "cfg3", "cfg5", "cfg7", "cfg5_neg", "dice", "dice_neg")
              or (x["key"].startswith("dice:") and not x["key"].endswith("_neg"))]
     return m
 

@@ -18,7 +18,7 @@ def methods(quick: bool) -> list[dict]:
     rows.append(dict(name="base + TeEFusion LoRA, no fusion, cfg 1", key="tee_lora_nofuse", cfg=1.0, pos="c",
                      neg="null", model="lora"))
     if quick:
-        rows = [r for r in rows if r["key"] == "tee_lora5"]
+        rows = [r for r in rows if r["key"] != "tee_lora_nofuse"]  # the three w of one file
     return rows
 
 

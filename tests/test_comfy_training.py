@@ -142,3 +142,58 @@ def test_bad_settings_are_clear(server, settings, fragment):
         return
     assert not succeeded(entry)
     assert fragment in execution_error(entry)["exception_message"]
+
+
+def _teefusion_graph(lora_name, train_model=("1", 0), **train):
+    """Train TeEFusion, then its output MODEL samples at cfg 1 with the prompt fused at w = 5."""
+    settings = dict(prompts=TRAIN, w_min=2.0, w_max=8.0, steps=6, batch_size=2, learning_rate=3e-4, rank=4,
+                    loss="l2", width=64, height=64, seed=0, lora_name=lora_name, save_every=0, resume=False,
+                    x0_steps=3, lr_schedule="cosine")
+    settings.update(train)
+    g = _sample_graph()
+    g["10"] = {"class_type": "TrainTeEFusion", "inputs": {"model": list(train_model), "clip": ["1", 1], **settings}}
+    g["11"] = {"class_type": "PreviewImage", "inputs": {"images": ["10", 2]}}
+    g["6"] = {"class_type": "TeEFusionConditioning", "inputs": {"positive": ["2", 0], "negative": ["3", 0], "w": 5.0,
+                                                                "fuse_tokens": True, "fuse_pooled": True}}
+    g["900"]["inputs"]["model"] = ["10", 0]
+    g["5"]["inputs"].update(positive=["6", 0], cfg=1.0)
+    return g
+
+
+def test_train_teefusion_through_the_server(server, comfy_base):
+    """Train TeEFusion as users queue it: the LoRA and its state land in models/loras with the
+    student's metadata, the node's output MODEL samples one pass per step at cfg 1 with the fused
+    prompt, and the stock LoraLoaderModelOnly reproduces that MODEL exactly; continue_from starts a
+    second run from the saved LoRA."""
+    from safetensors import safe_open
+
+    entry = server.run(_teefusion_graph("server-tee"))
+    assert succeeded(entry), execution_error(entry)
+    loras = comfy_base / "models" / "loras"
+    assert (loras / "server-tee.safetensors").exists() and (loras / "server-tee.teefusion-train-state").exists()
+    with safe_open(str(loras / "server-tee.safetensors"), framework="pt") as f:
+        meta = f.metadata()
+    assert meta["cfg_distill.method"] == "teefusion" and meta["cfg_distill.w_range"] == "2-8"
+    assert meta["cfg_distill.base_checkpoint"] == CKPT
+    assert load_training_state(str(loras / "server-tee.teefusion-train-state")).step == 6
+    assert entry["outputs"]["11"]["images"]  # the loss curve
+    calls = entry["outputs"]["901"]["model_calls"][0]
+    assert calls["calls"] == 3 and calls["batches"] == [1, 1, 1]  # cfg 1: one pass of one row per step
+
+    stock = _teefusion_graph("unused")
+    del stock["10"], stock["11"]
+    stock["12"] = {"class_type": "LoraLoaderModelOnly", "inputs": {"model": ["1", 0], "lora_name":
+                                                                   "server-tee.safetensors", "strength_model": 1.0}}
+    stock["900"]["inputs"]["model"] = ["12", 0]
+    again = server.run(stock)
+    assert succeeded(again), execution_error(again)
+    sha = lambda e: e["outputs"]["901"]["model_calls"][0]["latent_sha256"]  # noqa: E731
+    assert sha(again) == sha(entry)
+    base = server.run(_sample_graph())
+    assert succeeded(base), execution_error(base)
+    assert sha(base) != sha(entry)
+
+    cont = server.run(_teefusion_graph("server-tee-2", steps=2, continue_from="server-tee.safetensors"))
+    assert succeeded(cont), execution_error(cont)
+    with safe_open(str(loras / "server-tee-2.safetensors"), framework="pt") as f:
+        assert "server-tee.safetensors (6 steps)" in f.metadata()["cfg_distill_teefusion"]

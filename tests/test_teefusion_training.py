@@ -297,3 +297,44 @@ def test_headless_script_flags():
     bad = subprocess.run([sys.executable, script, "--ckpt", "x", "--w-min", "6", "--w-max", "2"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "--w-min" in bad.stderr
+
+
+def test_torchrun_two_cpu_processes_write_one_lora(tmp_path):
+    """The headless trainer under torchrun (CPU / gloo): rank 0 alone writes the LoRA and the state,
+    whose step count and world size are the run's; the stock loader reads the file."""
+    import subprocess
+
+    from cfg_distill.training import load_training_state
+    from tools.comfy_env import COMFY_DIR
+    from tools.tiny_models import write_tiny_sd15
+
+    ckpt = write_tiny_sd15(str(tmp_path / "tiny-sd15.safetensors"))
+    (tmp_path / "prompts.txt").write_text("\n".join(TRAIN) + "\n")
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(ROOT, "train_teefusion_lora.py"), "--comfyui", COMFY_DIR, "--ckpt", ckpt, "--out-dir", str(out),
+           "--prompts", str(tmp_path / "prompts.txt"), "--steps", "3", "--batch-size", "1", "--rank", "4",
+           "--lr", "3e-4", "--width", "64", "--height", "64", "--x0-steps", "2", "--save-every", "0",
+           "--name", "ddp", "--cpu", "--no-progress", "--log-every", "1"]
+    proc = subprocess.run(cmd, cwd=str(tmp_path), capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 0, text[-6000:]
+    assert "[rank 1]" in text and text.count("TeEFusion LoRA saved after 3 steps") == 1
+    assert sorted(os.listdir(out)) == ["ddp.safetensors", "ddp.teefusion-train-state"]
+    state = load_training_state(str(out / "ddp.teefusion-train-state"))
+    assert state.world_size == 2 and state.step == 3 and sorted(state.rng) == [0, 1]
+    tensors = {}
+    with safe_open(str(out / "ddp.safetensors"), framework="pt") as f:
+        assert f.metadata()["cfg_distill.method"] == "teefusion"
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    import comfy.sd
+
+    loaded = comfy.sd.load_lora_for_models(env_model(ckpt), None, tensors, 1.0, 0)[0]
+    assert len(loaded.patches) == sum(k.endswith(".lora_up.weight") for k in tensors)
+
+
+def env_model(ckpt):
+    import comfy.sd
+
+    return comfy.sd.load_checkpoint_guess_config(ckpt)[0]

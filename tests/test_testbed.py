@@ -32,7 +32,8 @@ MIN_RECOVERY_QUICK = 0.70  # DICE's share of that gap (shipped negative-trained 
 MAX_NEG_SHORTFALL_QUICK = 5.0
 MAX_AVOIDANCE_STILL_SHOWS_QUICK = 65.0
 MAX_AVOIDANCE_CFG_QUICK = 10.0
-MIN_TEE_RECOVERY_QUICK = 0.6  # TeEFusion student LoRA at w=5, its share of that gap (measured 1.06 on this subset)
+MIN_TEE_RECOVERY_QUICK = 0.85  # TeEFusion student LoRA at w = 3 / 5 / 7, its share of CFG's gap at the same w
+# (measured 1.10 / 1.15 / 1.06 on this subset; 1.01 / 1.03 / 0.96 on the full bench; issue target 0.9 there)
 
 
 def _run(args, timeout):
@@ -168,7 +169,8 @@ def test_quality_regression_quick_table(tmp_path):
     assert r["dice_neg"]["alignment"] >= r["cfg5_neg"]["alignment"] - MAX_NEG_SHORTFALL_QUICK, r
     assert a["cfg5"]["still_shows"] <= MAX_AVOIDANCE_CFG_QUICK, a
     assert a["dice"]["still_shows"] <= MAX_AVOIDANCE_STILL_SHOWS_QUICK, a
-    # The committed TeEFusion student LoRA: one pass at cfg 1 with the prompt fused at w=5.
-    assert r["tee_lora5"]["nfe"] == steps
-    assert s["recovery_tee_lora5"] >= MIN_TEE_RECOVERY_QUICK, s
+    # The committed TeEFusion student LoRA, one file for every w: one pass at cfg 1 with the prompt fused at w.
+    for w in (3, 5, 7):
+        assert r[f"tee_lora{w}"]["nfe"] == steps and r[f"cfg{w}"]["nfe"] == 2 * steps
+        assert s[f"recovery_tee_lora{w}"] >= MIN_TEE_RECOVERY_QUICK, (w, s)
     assert (tmp_path / "grid.png").stat().st_size > 0
