@@ -498,14 +498,13 @@ def test_training_view_event_contract_with_probe_node(fe, server):
     assert seen[0] <= 2
 
 
-def test_training_view_with_real_train_dice_refiner(fe, server, object_info):
-    assert "TrainDiceRefiner" in object_info, "the real training node is not registered on the server"
-    fe.js("() => app.graph.clear()")
-    nid = fe.js("""([ckpt, settings]) => {
+def _add_trainer(fe, node_type, settings):
+    """CheckpointLoaderSimple -> a training node, widgets set as a user would; returns its id."""
+    return fe.js("""([ckpt, nodeType, settings]) => {
         const add = (type, pos) => { const n = LiteGraph.createNode(type); n.pos = pos; app.graph.add(n); return n; };
         const ck = add('CheckpointLoaderSimple', [0, 100]);
         ck.widgets.find(w => w.name === 'ckpt_name').value = ckpt;
-        const tr = add('TrainDiceRefiner', [400, 0]);
+        const tr = add(nodeType, [400, 0]);
         ck.connect(0, tr, tr.inputs.findIndex(i => i.name === 'model'));
         ck.connect(1, tr, tr.inputs.findIndex(i => i.name === 'clip'));
         for (const [name, value] of Object.entries(settings)) {
@@ -513,12 +512,31 @@ def test_training_view_with_real_train_dice_refiner(fe, server, object_info):
             if (w) w.value = value;
         }
         return tr.id;
-    }""", [CKPT, TRAIN_SETTINGS])
+    }""", [CKPT, node_type, settings])
+
+
+def test_training_view_with_real_train_dice_refiner(fe, server, object_info):
+    assert "TrainDiceRefiner" in object_info, "the real training node is not registered on the server"
+    fe.js("() => app.graph.clear()")
+    nid = _add_trainer(fe, "TrainDiceRefiner", TRAIN_SETTINGS)
     # The view is on the training node from the start, before anything runs.
     assert "queue the workflow" in fe.page.locator(".cfgd-train .cfgd-status").first.inner_text()
     seen, done = _watch_training(fe, server, nid, "training_view_real")
     assert seen[-1] == TRAIN_SETTINGS["steps"]
     assert "browser-test-refiner.safetensors" in done
+
+
+def test_training_view_with_real_train_teefusion(fe, server, object_info):
+    """Train TeEFusion shows the same live view (steps, loss, ETA, curve, saved file) as the DICE trainer."""
+    assert "TrainTeEFusion" in object_info, "the TeEFusion training node is not registered on the server"
+    settings = {k: v for k, v in TRAIN_SETTINGS.items() if k != "refiner_name"}
+    settings.update(lora_name="browser-test-teefusion", rank=4, learning_rate=3e-4)
+    fe.js("() => app.graph.clear()")
+    nid = _add_trainer(fe, "TrainTeEFusion", settings)
+    assert "queue the workflow" in fe.page.locator(".cfgd-train .cfgd-status").first.inner_text()
+    seen, done = _watch_training(fe, server, nid, "training_view_teefusion")
+    assert seen[-1] == settings["steps"]
+    assert "browser-test-teefusion.safetensors" in done
 
 
 # -- the metadata route (read-only, listed names only) -------------------------------------------------
