@@ -248,8 +248,7 @@ def held_out_gap(pack, model, clip, refiner, latent_hw):
 
 # (steps, batch, lr, bound on held-out refined / cfg-1 gap). Random-weight models: how much a refiner
 # can recover differs by family; the bounds sit a little above what was measured (1 CPU thread,
-# seeded, deterministic; see the README's family table). PixArt-sigma and Wan 2.2 share PixArt-alpha's
-# and Wan 2.1's text path and trainer path and are left out to keep CI short.
+# seeded, deterministic; see the README's family table). Every family that samples with CFG is trained.
 TRAINING = {
     "sd3": (40, 4, 1e-3, 0.8),
     "pixart_alpha": (40, 4, 2e-3, 0.95),
@@ -257,6 +256,10 @@ TRAINING = {
     "lumina2": (40, 4, 2e-3, 1.0),
     "hunyuan_video": (40, 4, 2e-3, 1.0),
     "chroma": (40, 4, 5e-4, 0.95),
+    "pixart_sigma": (40, 4, 2e-3, 0.7),  # measured 0.553
+    "hidream": (40, 4, 1e-3, 0.95),  # 0.882 (T5 tokens refined; the Llama tensor is passed through)
+    "wan21_t2v": (40, 4, 1e-3, 0.9),  # 0.760 (5-D video latents)
+    "wan22_t2v": (40, 4, 1e-3, 0.9),  # 0.793 (48-channel latents)
 }
 
 
