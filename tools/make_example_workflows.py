@@ -176,7 +176,7 @@ DIT_NOTE = ("\n\nUse a refiner trained for this base model (Train DICE Refiner o
             "family stops with an error naming both.")
 
 
-def build_dit(family, prompt, loaders, latent, sampling, sampler, refiner, save, note=""):
+def build_dit(prompt, loaders, latent, sampling, sampler, refiner, save, note=""):
     """loaders: ("checkpoint", ckpt) or ("separate", unet, (clip_name, clip_type), vae).
     latent: (node type, widgets); sampling: (ModelSampling node type, shift) or None;
     sampler: (steps, sampler_name, scheduler); save: (node type, widgets)."""
@@ -239,13 +239,13 @@ WORKFLOWS = {
                                  "teefusion", w=1.0),
     # SD3.5 Medium / Large: one checkpoint with its text encoders and VAE (ComfyUI's SD3.5 template).
     "dice_sd35.json": build_dit(
-        "sd3", "a lighthouse on a rocky coast under a stormy sky, oil painting",
+        "a lighthouse on a rocky coast under a stormy sky, oil painting",
         ("checkpoint", "sd3.5_medium_incl_clips_t5xxlfp8scaled.safetensors"),
         ("EmptySD3LatentImage", [1024, 1024, 1]), None, (40, "euler", "sgm_uniform"), "dice_sd3.safetensors",
         ("SaveImage", ["cfg-distill/dice_sd35"])),
     # Wan 2.1 text-to-video 1.3B (ComfyUI's text_to_video_wan template: shift 8, 832 x 480, 33 frames).
     "dice_wan_t2v.json": build_dit(
-        "wan", "a red fox running through fresh snow in a pine forest, morning light",
+        "a red fox running through fresh snow in a pine forest, morning light",
         ("separate", "wan2.1_t2v_1.3B_fp16.safetensors", ("umt5_xxl_fp8_e4m3fn_scaled.safetensors", "wan"),
          "wan_2.1_vae.safetensors"),
         ("EmptyHunyuanLatentVideo", [832, 480, 33, 1]), ("ModelSamplingSD3", 8.0), (30, "uni_pc", "simple"),
@@ -253,7 +253,7 @@ WORKFLOWS = {
         note="\n\nWan 2.1 and 2.2 text-to-video share the UMT5-XXL text encoder: one Wan refiner serves both."),
     # Qwen-Image (ComfyUI's qwen_image template: AuraFlow shift 3.1, 1328 x 1328).
     "dice_qwen_image.json": build_dit(
-        "qwen_image", "a cozy bookshop at night, warm window light, a sign that reads \"OPEN\"",
+        "a cozy bookshop at night, warm window light, a sign that reads \"OPEN\"",
         ("separate", "qwen_image_fp8_e4m3fn.safetensors", ("qwen_2.5_vl_7b_fp8_scaled.safetensors", "qwen_image"),
          "qwen_image_vae.safetensors"),
         ("EmptySD3LatentImage", [1328, 1328, 1]), ("ModelSamplingAuraFlow", 3.1), (20, "euler", "simple"),
