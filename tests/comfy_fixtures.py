@@ -90,7 +90,9 @@ def family_models(comfy_base):
         # as the trainer writes it: the family's start-token rule (Wan, Qwen-Image: none to keep)
         info = dataclasses.replace(info, keep_first_token=FAMILIES[family].keep_first_token)
         save_refiner(str(comfy_base / "models" / "dice_refiners" / name), refiner, info)
-    return comfy_base
+    yield comfy_base
+    for name, (folder, _) in FAMILY_FILES.items():  # ~1 GB: not left in pytest's kept temp folders
+        (comfy_base / "models" / folder / name).unlink(missing_ok=True)
 
 
 @pytest.fixture(scope="session")

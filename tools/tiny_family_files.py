@@ -27,7 +27,8 @@ from .tiny_models import _init_
 # SD3.5 Medium's layout (MMDiT-X: qk RMS-norm, extra x-block self-attention), shrunk: depth 2
 # (hidden 128, 2 heads), a 32 x 32 patch position table (up to 512 px).
 SD35_UNET = dict(in_channels=16, out_channels=16, patch_size=2, depth=2, input_size=None, adm_in_channels=2048,
-                 context_embedder_config={"target": "torch.nn.Linear", "params": {"in_features": 4096, "out_features": 128}},
+                 context_embedder_config={"target": "torch.nn.Linear",
+                                          "params": {"in_features": 4096, "out_features": 128}},
                  num_patches=32 * 32, pos_embed_max_size=32, pos_embed_scaling_factor=None,
                  x_block_self_attn_layers=[0], qk_norm="rms")
 WAN21_T2V_UNET = dict(image_model="wan2.1", model_type="t2v", dim=128, out_dim=16, in_dim=16, num_heads=1,
@@ -84,7 +85,8 @@ def tiny_sd35_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
     vae = comfy.taesd.taesd.TAESD(latent_channels=16)
     _init_(vae, seed + 2)
     vae_sd = vae.state_dict()
-    vae_sd["vae_scale"], vae_sd["vae_shift"] = torch.ones_like(vae_sd["vae_scale"]), torch.zeros_like(vae_sd["vae_shift"])
+    vae_sd["vae_scale"] = torch.ones_like(vae_sd["vae_scale"])  # TAESD's latent scaling: identity
+    vae_sd["vae_shift"] = torch.zeros_like(vae_sd["vae_shift"])
     sd.update(_fp16(vae_sd, "first_stage_model."))
     return sd
 

@@ -1,11 +1,13 @@
-"""Test-only stand-in for CLIPLoader (mounted only in the test server's custom_nodes; never shipped).
+"""Test-only stand-in for CLIPLoader (mounted only in the test server's custom_nodes by
+tests/comfy_fixtures.py; the pack never loads it).
 
 The real text encoders of Wan 2.x (UMT5-XXL) and Qwen-Image (Qwen2.5-VL 7B) have their sizes
 hard-coded in ComfyUI (comfy/text_encoders/umt5_config_xxl.json: d_model 4096, 24 layers, 256k
 vocabulary, ~5.7B parameters; comfy/text_encoders/llama.py Qwen25_7BVLI_Config: 28 layers of 3584,
-~7.6B parameters), so the stock CLIPLoader cannot load a tiny one, and the real ones cannot run on a
-2-core CPU test machine. This loader returns a real comfy.sd.CLIP (stock tokenize /
-encode_from_tokens_scheduled, hooks and all) whose model is tools/tiny_families.FamilyEncoder:
+~7.7B parameters), so the stock CLIPLoader cannot load a tiny one, and the real ones cannot run on a
+2-core CPU test machine. This loader returns a real comfy.sd.CLIP (ComfyUI's own wrapper: tokenize,
+encode_from_tokens_scheduled, hooks) with a word tokenizer and tools/tiny_families.FamilyEncoder as
+its model:
 conditioning with the real encoder's token width, length rule and keys (Wan: [1, 512, 4096],
 zero-padded, no pooled vector; Qwen-Image: [1, T, 3584], no pooled vector), depending on the prompt."""
 import os
