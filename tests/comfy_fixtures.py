@@ -32,6 +32,11 @@ EXAMPLE_FILES = {
     "teefusion_sd3_patch.json": dict(ckpt=SD35_CKPT, unet="tiny-sd35-mmdit.safetensors"),
     "dice_wan_t2v.json": dict(unet="tiny-wan21-t2v.safetensors", vae="tiny-wan21-vae.safetensors",
                               refiner="wan-random.safetensors", stand_in=True, length=5),
+    # Wan 2.2 A14B's two experts have Wan 2.1 14B's architecture: two tiny Wan T2V files (two seeds).
+    "dice_wan22_t2v.json": dict(unet={"wan2.2_t2v_high_noise_14B_fp8_scaled.safetensors": "tiny-wan22-t2v-high.safetensors",
+                                      "wan2.2_t2v_low_noise_14B_fp8_scaled.safetensors": "tiny-wan22-t2v-low.safetensors"},
+                                vae="tiny-wan21-vae.safetensors", refiner="wan-random.safetensors", stand_in=True,
+                                length=5),
     "dice_qwen_image.json": dict(unet="tiny-qwen-image.safetensors", vae="tiny-wan21-vae.safetensors",
                                  refiner="qwen-image-random.safetensors", stand_in=True),
 }
@@ -39,6 +44,8 @@ FAMILY_FILES = {  # file -> (model folder, tools.tiny_family_files kind)
     SD35_CKPT: ("checkpoints", "sd35"),
     "tiny-sd35-mmdit.safetensors": ("diffusion_models", "sd35_mmdit"),
     "tiny-wan21-t2v.safetensors": ("diffusion_models", "wan21_t2v"),
+    "tiny-wan22-t2v-high.safetensors": ("diffusion_models", "wan21_t2v"),
+    "tiny-wan22-t2v-low.safetensors": ("diffusion_models", "wan21_t2v"),
     "tiny-qwen-image.safetensors": ("diffusion_models", "qwen_image"),
     "tiny-wan21-vae.safetensors": ("vae", "wan21_vae"),
 }
@@ -121,8 +128,9 @@ def shrink_for_tests(api, ckpt=CKPT, refiner="sd15-random.safetensors", size=64,
         inp, t = node["inputs"], node["class_type"]
         if t == "CheckpointLoaderSimple":
             inp["ckpt_name"] = files["ckpt"]
-        elif t == "UNETLoader":
-            inp["unet_name"] = files["unet"]
+        elif t == "UNETLoader":  # one file, or one per original name (Wan 2.2's two experts)
+            unet = files["unet"]
+            inp["unet_name"] = unet[inp["unet_name"]] if isinstance(unet, dict) else unet
         elif t == "VAELoader":
             inp["vae_name"] = files["vae"]
         elif t == "DiceRefinerLoader":
@@ -133,6 +141,12 @@ def shrink_for_tests(api, ckpt=CKPT, refiner="sd15-random.safetensors", size=64,
                 inp["length"] = files.get("length", 1)
         elif t == "KSampler":
             inp["steps"] = steps
+        elif t == "KSamplerAdvanced":  # keep where the steps are split (Wan 2.2: high / low noise)
+            old = inp["steps"]
+            inp["steps"] = steps
+            inp["start_at_step"] = min(round(inp["start_at_step"] * steps / old), steps)
+            if inp["end_at_step"] <= old:
+                inp["end_at_step"] = min(round(inp["end_at_step"] * steps / old), steps)
     return api
 
 
@@ -160,6 +174,21 @@ def add_call_counter(api, label):
     api[ks]["inputs"]["model"] = ["900", 0]
     api["901"] = {"class_type": "ReportModelCalls", "inputs": {"samples": [ks, 0], "label": label}}
     return api
+
+
+SAMPLERS = ("KSampler", "KSamplerAdvanced")
+
+
+def add_call_counters(api, label):
+    """add_call_counter for every sampler of the workflow (Wan 2.2 has two); returns the report nodes."""
+    reports = []
+    for i, (nid, node) in enumerate([(k, v) for k, v in api.items() if v["class_type"] in SAMPLERS]):
+        count, rep_ = str(910 + 2 * i), str(911 + 2 * i)
+        api[count] = {"class_type": "CountModelCalls", "inputs": {"model": node["inputs"]["model"], "label": f"{label}/{i}"}}
+        node["inputs"]["model"] = [count, 0]
+        api[rep_] = {"class_type": "ReportModelCalls", "inputs": {"samples": [nid, 0], "label": f"{label}/{i}"}}
+        reports.append(rep_)
+    return reports
 
 
 def report(entry, node="901", key="model_calls"):

@@ -14,7 +14,7 @@ from tools.comfy_env import comfyui_version, frontend_version
 from tools.comfy_server import IDLE_TIMEOUT, execution_error, succeeded
 from tools.screenshot_workflows import EXTENSIONS, BrowserMissing, Frontend, require_browser
 
-from comfy_fixtures import CKPT, EXAMPLE_FILES, STAND_IN_LOADER, load_workflow
+from comfy_fixtures import CKPT, EXAMPLE_FILES, SAMPLERS, STAND_IN_LOADER, load_workflow
 
 pytestmark = pytest.mark.browser
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -84,7 +84,10 @@ SHRINK_JS = """([f, size, steps]) => {
   };
   for (const n of app.graph.nodes) {
     if (n.type === 'CheckpointLoaderSimple') set(n, 'ckpt_name', f.ckpt);
-    if (n.type === 'UNETLoader') set(n, 'unet_name', f.unet);
+    if (n.type === 'UNETLoader') {  // one file, or one per original name (Wan 2.2's two experts)
+      const unet = n.widgets.find(w => w.name === 'unet_name').value;
+      set(n, 'unet_name', typeof f.unet === 'object' ? f.unet[unet] : f.unet);
+    }
     if (n.type === 'VAELoader') set(n, 'vae_name', f.vae);
     if (n.type === 'DiceRefinerLoader') set(n, 'refiner_name', f.refiner);
     if (['EmptyLatentImage', 'EmptySD3LatentImage', 'EmptyHunyuanLatentVideo'].includes(n.type)) {
@@ -92,6 +95,13 @@ SHRINK_JS = """([f, size, steps]) => {
       if (n.type === 'EmptyHunyuanLatentVideo') set(n, 'length', f.length ?? 1);
     }
     if (n.type === 'KSampler') set(n, 'steps', steps);
+    if (n.type === 'KSamplerAdvanced') {  // keep where the steps are split (Wan 2.2: high / low noise)
+      const get = (name) => n.widgets.find(w => w.name === name).value;
+      const old = get('steps'), start = get('start_at_step'), end = get('end_at_step');
+      set(n, 'steps', steps);
+      set(n, 'start_at_step', Math.min(Math.round(start * steps / old), steps));
+      if (end <= old) set(n, 'end_at_step', Math.min(Math.round(end * steps / old), steps));
+    }
   }
 }"""
 GUARD = "() => app.extensions.find(e => e.name === 'cfg_distill.cfg_guard')"
@@ -238,32 +248,37 @@ def test_extension_and_node_types_registered(fe):
 def test_example_workflow_loads_converts_queues_and_succeeds(fe, server, name):
     """Every example workflow through the real frontend, on the tiny models the server tests use.
     The Wan and Qwen-Image workflows' CLIPLoader is swapped for the test-only stand-in after the
-    frontend's conversion (their real text encoders cannot run here); every other node is stock."""
+    frontend's conversion (their real text encoders cannot run here); every other node is stock.
+    Every sampler (Wan 2.2 has two KSamplerAdvanced) is at cfg 1 and passes the cfg guard."""
     load_test_workflow(fe, name)
     types = fe.js("() => app.graph.nodes.map(n => n.type)")
     assert "Note" in types, "each example workflow keeps its cfg 1 note"
     note = fe.js("() => app.graph.nodes.find(n => n.type === 'Note').widgets[0].value")
     assert "cfg" in note and "1.0" in note
-    ks = node_id(fe, "KSampler")
-    assert fe.js(WIDGET_JS, [ks, "cfg"]) == 1.0
-    assert wait_problems(fe, ks, lambda p: p == [], 1.0) == []  # the examples are correct: no warning
+    samplers = fe.js("types => app.graph.nodes.filter(n => types.includes(n.type)).map(n => n.id)", list(SAMPLERS))
+    for ks in samplers:
+        assert fe.js(WIDGET_JS, [ks, "cfg"]) == 1.0
+        assert wait_problems(fe, ks, lambda p: p == [], 1.0) == []  # the examples are correct: no warning
     stand_in = EXAMPLE_FILES.get(name, {}).get("stand_in", False)
     prompt_id, output = queue_from_frontend(fe, stand_in=stand_in)
     classes = {v["class_type"] for v in output.values()}
-    assert "KSampler" in classes and "Note" not in classes
+    assert classes & set(SAMPLERS) and "Note" not in classes
     assert classes & {"CheckpointLoaderSimple", "UNETLoader"} and classes & {"SaveImage", "SaveAnimatedWEBP"}
     assert classes & {*OUR_NODES, "TeEFusionModelPatch"}
     assert ("CLIPLoader" in classes) == stand_in  # the stock loader, as saved; swapped only when queued
-    sampler = next(v for v in output.values() if v["class_type"] == "KSampler")["inputs"]
-    assert sampler["cfg"] == 1.0 and sampler["steps"] == 3
+    sampler_inputs = [v["inputs"] for v in output.values() if v["class_type"] in SAMPLERS]
+    assert len(sampler_inputs) == len(samplers)
+    assert all(k["cfg"] == 1.0 and k["steps"] == 3 for k in sampler_inputs)
+    sampler = sampler_inputs[0]
     if "TeEFusionModelPatch" in classes:  # the sampler samples the patched model
         assert output[sampler["model"][0]]["class_type"] == "TeEFusionModelPatch"
     entry = wait_prompt(fe, server, prompt_id)
     assert succeeded(entry), execution_error(entry)
-    # The frontend received the result too: the SaveImage preview is on the node.
+    # The frontend received the result too: the save node's preview is on the node (the canvas loads
+    # previews of nodes it draws: fit the view first, Wan 2.2's graph is wider than the page).
+    fe.fit_view()
     fe.page.wait_for_function("() => app.graph.nodes.some(n => ['SaveImage', 'SaveAnimatedWEBP'].includes(n.type)"
                               " && n.imgs?.length)", timeout=60_000)
-    fe.fit_view()
     fe.screenshot(os.path.join(SHOTS, name.replace(".json", ".png")))
 
 
