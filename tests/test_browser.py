@@ -14,7 +14,7 @@ from tools.comfy_env import comfyui_version, frontend_version
 from tools.comfy_server import IDLE_TIMEOUT, execution_error, succeeded
 from tools.screenshot_workflows import EXTENSIONS, BrowserMissing, Frontend, require_browser
 
-from comfy_fixtures import CKPT, load_workflow
+from comfy_fixtures import CKPT, EXAMPLE_FILES, SAMPLERS, STAND_IN_LOADER, load_workflow
 
 pytestmark = pytest.mark.browser
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -77,16 +77,31 @@ def our_console_problems(fe) -> list[str]:
 # -- JS helpers (run in the page) -------------------------------------------------------------------
 # Point a loaded example workflow at the test files and make it small, through the widgets' own
 # setValue (what a user edit runs: callbacks fire, so the refiner details refresh).
-SHRINK_JS = """([ckpt, refiner, size, steps]) => {
+SHRINK_JS = """([f, size, steps]) => {
   const set = (node, name, value) => {
     const w = node.widgets.find(w => w.name === name);
     w.setValue(value, {node, canvas: app.canvas});
   };
   for (const n of app.graph.nodes) {
-    if (n.type === 'CheckpointLoaderSimple') set(n, 'ckpt_name', ckpt);
-    if (n.type === 'DiceRefinerLoader') set(n, 'refiner_name', refiner);
-    if (n.type === 'EmptyLatentImage') { set(n, 'width', size); set(n, 'height', size); }
+    if (n.type === 'CheckpointLoaderSimple') set(n, 'ckpt_name', f.ckpt);
+    if (n.type === 'UNETLoader') {  // one file, or one per original name (Wan 2.2's two experts)
+      const unet = n.widgets.find(w => w.name === 'unet_name').value;
+      set(n, 'unet_name', typeof f.unet === 'object' ? f.unet[unet] : f.unet);
+    }
+    if (n.type === 'VAELoader') set(n, 'vae_name', f.vae);
+    if (n.type === 'DiceRefinerLoader') set(n, 'refiner_name', f.refiner);
+    if (['EmptyLatentImage', 'EmptySD3LatentImage', 'EmptyHunyuanLatentVideo'].includes(n.type)) {
+      set(n, 'width', size); set(n, 'height', size);
+      if (n.type === 'EmptyHunyuanLatentVideo') set(n, 'length', f.length ?? 1);
+    }
     if (n.type === 'KSampler') set(n, 'steps', steps);
+    if (n.type === 'KSamplerAdvanced') {  // keep where the steps are split (Wan 2.2: high / low noise)
+      const get = (name) => n.widgets.find(w => w.name === name).value;
+      const old = get('steps'), start = get('start_at_step'), end = get('end_at_step');
+      set(n, 'steps', steps);
+      set(n, 'start_at_step', Math.min(Math.round(start * steps / old), steps));
+      if (end <= old) set(n, 'end_at_step', Math.min(Math.round(end * steps / old), steps));
+    }
   }
 }"""
 GUARD = "() => app.extensions.find(e => e.name === 'cfg_distill.cfg_guard')"
@@ -122,7 +137,7 @@ def browser_ready():
 
 
 @pytest.fixture(scope="module")
-def fe(browser_ready, server):  # browser check first: no server start when it is missing
+def fe(browser_ready, server, family_models):  # browser check first: no server start when it is missing
     with Frontend(server, init_scripts=[CONSOLE_TAP_JS]) as frontend:
         # Frontends that warn about deprecated APIs do so once per message; repeat them, so that
         # our use is reported even when something else used the same API first.
@@ -157,19 +172,32 @@ def wait_prompt(fe, server, prompt_id) -> dict:
     return server.wait(prompt_id, activity=(fe.last_activity,))
 
 
-def queue_from_frontend(fe) -> tuple[str, dict]:
-    """app.graphToPrompt (the frontend's own converter), queued with the frontend's api client."""
-    res = fe.js("""async () => {
+def queue_from_frontend(fe, stand_in=False) -> tuple[str, dict]:
+    """app.graphToPrompt (the frontend's own converter), queued with the frontend's api client.
+    stand_in: after the conversion, swap each stock CLIPLoader for the test-only stand-in loader
+    (tests/stand_in_nodes; comfy_fixtures.stand_in_text_encoders says why), as the server tests do."""
+    res = fe.js("""async ([standIn, loader]) => {
         const p = await app.graphToPrompt();
+        const original = JSON.parse(JSON.stringify(p.output));
+        for (const node of Object.values(p.output)) {
+            if (standIn && node.class_type === 'CLIPLoader') {
+                node.class_type = loader;
+                node.inputs = {clip_name: node.inputs.clip_name, type: node.inputs.type};
+            }
+        }
         const r = await window.comfyAPI.api.api.queuePrompt(0, p);
-        return {prompt_id: r.prompt_id, output: p.output};
-    }""")
+        return {prompt_id: r.prompt_id, output: original};
+    }""", [stand_in, STAND_IN_LOADER])
     return res["prompt_id"], res["output"]
 
 
-def load_test_workflow(fe, name, refiner="sd15-random.safetensors"):
+def load_test_workflow(fe, name, refiner=None):
+    """Load an example workflow and point it at the test files (comfy_fixtures.EXAMPLE_FILES)."""
     fe.load_workflow(load_workflow(name))
-    fe.js(SHRINK_JS, [CKPT, refiner, 64, 3])
+    files = {"ckpt": CKPT, "refiner": "sd15-random.safetensors", **EXAMPLE_FILES.get(name, {})}
+    if refiner:
+        files["refiner"] = refiner
+    fe.js(SHRINK_JS, [files, 64, 3])
 
 
 # -- registration -------------------------------------------------------------------------------
@@ -216,47 +244,41 @@ def test_extension_and_node_types_registered(fe):
 
 
 # -- example workflows through the real frontend ------------------------------------------------------
-# SD3 workflows need SD3 text encoders (far too big here): they are loaded and converted by the
-# frontend but not queued (tests/test_teefusion_patch.py runs the patch on a tiny MMDiT).
-RUNNABLE = [n for n in WORKFLOWS if "_sd3" not in n]
-SD3_ONLY = [n for n in WORKFLOWS if "_sd3" in n]
-
-
-@pytest.mark.parametrize("name", SD3_ONLY)
-def test_sd3_example_workflow_loads_and_converts(fe, name):
-    fe.load_workflow(load_workflow(name))
-    ks = node_id(fe, "KSampler")
-    assert fe.js(WIDGET_JS, [ks, "cfg"]) == 1.0
-    output = fe.js("async () => (await app.graphToPrompt()).output")
-    classes = {v["class_type"] for v in output.values()}
-    assert {"KSampler", "TeEFusionModelPatch"} <= classes and "Note" not in classes
-    sampler = next(v for v in output.values() if v["class_type"] == "KSampler")["inputs"]
-    patch_id = next(k for k, v in output.items() if v["class_type"] == "TeEFusionModelPatch")
-    assert sampler["cfg"] == 1.0 and sampler["model"][0] == patch_id
-
-
-@pytest.mark.parametrize("name", RUNNABLE)
+@pytest.mark.parametrize("name", WORKFLOWS)
 def test_example_workflow_loads_converts_queues_and_succeeds(fe, server, name):
+    """Every example workflow through the real frontend, on the tiny models the server tests use.
+    The Wan and Qwen-Image workflows' CLIPLoader is swapped for the test-only stand-in after the
+    frontend's conversion (their real text encoders cannot run here); every other node is stock.
+    Every sampler (Wan 2.2 has two KSamplerAdvanced) is at cfg 1 and passes the cfg guard."""
     load_test_workflow(fe, name)
     types = fe.js("() => app.graph.nodes.map(n => n.type)")
     assert "Note" in types, "each example workflow keeps its cfg 1 note"
     note = fe.js("() => app.graph.nodes.find(n => n.type === 'Note').widgets[0].value")
     assert "cfg" in note and "1.0" in note
-    ks = node_id(fe, "KSampler")
-    assert fe.js(WIDGET_JS, [ks, "cfg"]) == 1.0
-    assert wait_problems(fe, ks, lambda p: p == [], 1.0) == []  # the examples are correct: no warning
-    prompt_id, output = queue_from_frontend(fe)
+    samplers = fe.js("types => app.graph.nodes.filter(n => types.includes(n.type)).map(n => n.id)", list(SAMPLERS))
+    for ks in samplers:
+        assert fe.js(WIDGET_JS, [ks, "cfg"]) == 1.0
+        assert wait_problems(fe, ks, lambda p: p == [], 1.0) == []  # the examples are correct: no warning
+    stand_in = EXAMPLE_FILES.get(name, {}).get("stand_in", False)
+    prompt_id, output = queue_from_frontend(fe, stand_in=stand_in)
     classes = {v["class_type"] for v in output.values()}
-    assert classes >= {"CheckpointLoaderSimple", "KSampler", "SaveImage"} and "Note" not in classes
-    assert classes & set(OUR_NODES)
-    sampler = next(v for v in output.values() if v["class_type"] == "KSampler")["inputs"]
-    assert sampler["cfg"] == 1.0 and sampler["steps"] == 3
+    assert classes & set(SAMPLERS) and "Note" not in classes
+    assert classes & {"CheckpointLoaderSimple", "UNETLoader"} and classes & {"SaveImage", "SaveAnimatedWEBP"}
+    assert classes & {*OUR_NODES, "TeEFusionModelPatch"}
+    assert ("CLIPLoader" in classes) == stand_in  # the stock loader, as saved; swapped only when queued
+    sampler_inputs = [v["inputs"] for v in output.values() if v["class_type"] in SAMPLERS]
+    assert len(sampler_inputs) == len(samplers)
+    assert all(k["cfg"] == 1.0 and k["steps"] == 3 for k in sampler_inputs)
+    sampler = sampler_inputs[0]
+    if "TeEFusionModelPatch" in classes:  # the sampler samples the patched model
+        assert output[sampler["model"][0]]["class_type"] == "TeEFusionModelPatch"
     entry = wait_prompt(fe, server, prompt_id)
     assert succeeded(entry), execution_error(entry)
-    # The frontend received the result too: the SaveImage preview is on the node.
-    fe.page.wait_for_function("() => app.graph.nodes.some(n => n.type === 'SaveImage' && n.imgs?.length)",
-                              timeout=60_000)
+    # The frontend received the result too: the save node's preview is on the node (the canvas loads
+    # previews of nodes it draws: fit the view first, Wan 2.2's graph is wider than the page).
     fe.fit_view()
+    fe.page.wait_for_function("() => app.graph.nodes.some(n => ['SaveImage', 'SaveAnimatedWEBP'].includes(n.type)"
+                              " && n.imgs?.length)", timeout=60_000)
     fe.screenshot(os.path.join(SHOTS, name.replace(".json", ".png")))
 
 

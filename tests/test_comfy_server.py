@@ -6,8 +6,8 @@ import pytest
 from tools.comfy_server import PromptRejected, execution_error, succeeded
 from tools.workflow_api import to_api
 
-from comfy_fixtures import (CKPT, add_call_counter, load_workflow, node_of,
-                            report, shrink_for_tests)
+from comfy_fixtures import (CKPT, EXAMPLE_FILES, SAMPLERS, add_call_counter, add_call_counters, load_workflow,
+                            node_of, report, shrink_for_tests, stand_in_text_encoders)
 
 pytestmark = pytest.mark.server
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -29,18 +29,62 @@ def test_nodes_registered_with_types(object_info):
         assert "cfg to exactly 1.0" in node["description"] and "cfg_pp" in node["description"]
 
 
-# SD3 workflows need SD3 text encoders (far too big here); tests/test_teefusion_patch.py checks them.
-@pytest.mark.parametrize("name", sorted(n for n in os.listdir(os.path.join(ROOT, "example_workflows"))
-                                         if "_sd3" not in n))
-def test_example_workflow_runs(server, object_info, name):
-    api = shrink_for_tests(to_api(load_workflow(name), object_info))
-    ks = api[node_of(api, "KSampler")]["inputs"]
-    assert ks["cfg"] == 1.0
+EXAMPLES = sorted(n for n in os.listdir(os.path.join(ROOT, "example_workflows")) if n.endswith(".json"))
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_example_workflow_runs(server, object_info, family_models, name):
+    """Every example workflow, converted as saved, on tiny models that the stock loaders detect:
+    SD1.5 / SD3.5 checkpoints (CheckpointLoaderSimple), Wan 2.1 T2V, Wan 2.2 A14B's two experts and
+    Qwen-Image diffusion models (UNETLoader) with a Wan-2.1-format VAE (VAELoader). The one non-stock
+    node: the Wan and Qwen-Image workflows' CLIPLoader is swapped for a test-only stand-in
+    (tests/stand_in_nodes), because UMT5-XXL and Qwen2.5-VL 7B have hard-coded multi-billion-parameter
+    configs that cannot run on this CPU; it returns a real comfy CLIP whose conditioning has the real
+    encoder's shapes and keys. At cfg 1 the stock samplers make exactly one model call per step, on
+    the positive only (Wan 2.2: the two KSamplerAdvanced split the 3 steps)."""
+    api = shrink_for_tests(to_api(load_workflow(name), object_info), example=name)
+    expect_stand_in = EXAMPLE_FILES.get(name, {}).get("stand_in", False)
+    assert stand_in_text_encoders(api) == (1 if expect_stand_in else 0)
+    samplers = [v["inputs"] for v in api.values() if v["class_type"] in SAMPLERS]
+    assert samplers and all(ks["cfg"] == 1.0 for ks in samplers)
+    reports = add_call_counters(api, name)
     entry = server.run(api)
     assert succeeded(entry), execution_error(entry)
     images = [img for out in entry["outputs"].values() for img in out.get("images", [])]
     assert images and all(os.path.isfile(os.path.join(server.base_dir, "output", i["subfolder"], i["filename"]))
                           for i in images)
+    runs = [report(entry, node) for node in reports]  # per sampler (Wan 2.2: the two experts split the steps)
+    assert sum(r["calls"] for r in runs) == 3 and all(r["calls"] > 0 and r["latent_finite"] for r in runs)
+    assert all(b == 1 for r in runs for b in r["batches"])
+    assert all(c == [0] for r in runs for c in r["cond_or_uncond"])
+
+
+# What the real encoders give (comfy/text_encoders/wan.py: UMT5 padded with zeros to 512 tokens, no
+# start token; qwen_image.py: Qwen2.5-VL tokens with the chat template cut off), no pooled vector.
+@pytest.mark.parametrize("clip_type,refiner,shape", [
+    ("wan", "wan-random.safetensors", [1, 512, 4096]),
+    ("qwen_image", "qwen-image-random.safetensors", [1, 5, 3584]),
+])
+def test_stand_in_text_encoder_gives_the_real_encoders_conditioning(server, family_models, clip_type, refiner, shape):
+    """The stand-in CLIP (tests/stand_in_nodes) behind the stock CLIPTextEncode gives the real
+    encoder's shapes and keys, and the family's refiner (no start token) rewrites every token."""
+    g = {
+        "1": {"class_type": "StandInTextEncoderLoader", "inputs": {"clip_name": "x.safetensors", "type": clip_type}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "a red fox in snow", "clip": ["1", 0]}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 0]}},
+        "4": {"class_type": "DiceRefinerLoader", "inputs": {"refiner_name": refiner}},
+        "5": {"class_type": "DiceRefinerApply", "inputs": {"positive": ["2", 0], "negative": ["3", 0],
+                                                           "refiner": ["4", 0], "strength": 1.0}},
+        "6": {"class_type": "ConditioningProbe", "inputs": {"conditioning": ["5", 0], "reference": ["2", 0]}},
+        "7": {"class_type": "ConditioningProbe", "inputs": {"conditioning": ["2", 0]}},
+    }
+    entry = server.run(g)
+    assert succeeded(entry), execution_error(entry)
+    (plain,) = entry["outputs"]["7"]["conditioning"]
+    (refined,) = entry["outputs"]["6"]["conditioning"]
+    assert plain["shape"] == refined["shape"] == shape and plain["keys"] == ["pooled_output"]
+    assert "pooled_shape" not in plain and refined["finite"]
+    assert refined["first_token_diff"] > 1e-4 and refined["unchanged_positions"] == []
 
 
 def _count(server, object_info, workflow, cfg, label, steps=4, batch=1, strip_refiner=False):

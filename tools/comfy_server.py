@@ -82,11 +82,12 @@ class _SocketListener:
 
 class ComfyServer:
     def __init__(self, base_dir: str, with_probe: bool = True, port: int | None = None, extra_args=(),
-                 threads: int | None = None):
+                 threads: int | None = None, extra_packs: dict[str, str] | None = None):
         self.base_dir = os.path.abspath(base_dir)
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.with_probe = with_probe
+        self.extra_packs = dict(extra_packs or {})  # folder name -> path: test-only node packs
         self.extra_args = list(extra_args)
         # None: torch's default (one thread per core). Tests pass a small fixed number: on a busy
         # machine, threads competing with other processes made sampling steps about 10x slower.
@@ -105,6 +106,7 @@ class ComfyServer:
         links = {PACK_FOLDER: ROOT}
         if self.with_probe:
             links["cfg_distill_probe"] = PROBE_PACK
+        links.update(self.extra_packs)
         for name, target in links.items():
             link = os.path.join(packs, name)
             if os.path.islink(link) and os.readlink(link) != target:

@@ -190,6 +190,10 @@ class Frontend:
 
 
 # -- docs screenshots -------------------------------------------------------------------------------
+PLACEHOLDER_FAMILIES = [("xl", 2048, "sdxl"), ("sd3", 4096, "sd3"), ("wan", 4096, "wan"),
+                        ("qwen", 3584, "qwen_image")]
+
+
 def _placeholder_refiners(folder: str, workflows: dict[str, dict]) -> None:
     """Random-weight refiners under the file names the example workflows use (display only)."""
     import torch
@@ -202,9 +206,10 @@ def _placeholder_refiners(folder: str, workflows: dict[str, dict]) -> None:
         if not loader:
             continue
         name = loader["widgets_values"][0]
-        sdxl = "xl" in name.lower()
+        # the family from the file name, so that the loader's details panel shows the right one
+        dim, family = next(((d, f) for key, d, f in PLACEHOLDER_FAMILIES if key in name.lower()), (768, "sd15"))
         torch.manual_seed(0)
-        info = RefinerInfo(2048 if sdxl else 768, 512, base_family="sdxl" if sdxl else "sd15",
+        info = RefinerInfo(dim, 512, base_family=family,
                            base_checkpoint=ckpt["widgets_values"][0] if ckpt else "", guidance_scale=5.0)
         save_refiner(os.path.join(folder, name), DiceRefiner(info.token_dim, info.inner_dim), info)
 
