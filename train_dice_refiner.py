@@ -73,6 +73,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--grad-accum", type=int, default=4,
                    help="micro-batches per optimizer step: effective batch = batch size x this, memory of one "
                         "micro-batch (default %(default)s; see the README's training table)")
+    p.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant",
+                   help="cosine: the learning rate falls to 0 over --steps (default %(default)s)")
     p.add_argument("--lr", "--learning-rate", dest="lr", type=float, default=5e-4,
                    help="AdamW learning rate (default %(default)g; the paper's 2e-4 is for batch 128)")
     p.add_argument("--loss", choices=["l2", "l1"], default="l2",
@@ -381,7 +383,8 @@ def _run(args, d: Dist, comfy_dir: str, use_cpu: bool) -> int:
                 model, clip, prompts, args.guidance_scale, args.steps, args.batch_size, args.lr, args.loss,
                 args.width, args.height, args.seed, name, args.save_every, args.resume, args.x0_steps,
                 args.autocast, base_checkpoint=ckpt_name, should_stop=stop, log_every=args.log_every,
-                on_step=progress, gradient_checkpointing=args.gradient_checkpointing, grad_accum=args.grad_accum)
+                on_step=progress, gradient_checkpointing=args.gradient_checkpointing, grad_accum=args.grad_accum,
+                lr_schedule=args.lr_schedule)
     except comfy.model_management.InterruptProcessingException:
         if d.rank == 0:
             log.warning("cancelled while preparing the training latents: nothing was trained or saved")

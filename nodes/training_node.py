@@ -131,6 +131,8 @@ class TrainDiceRefiner(io.ComfyNode):
                 io.Vae.Input("vae", optional=True, tooltip="Needed with images."),
                 io.String.Input("captions", multiline=True, optional=True, default="",
                                 tooltip="One caption per image; else the prompts are used in turn."),
+                io.Combo.Input("lr_schedule", options=["constant", "cosine"], default="constant", optional=True,
+                               tooltip="cosine: the learning rate falls to 0 over the run."),
             ],
             outputs=[DiceRefinerType.Output(display_name="refiner"), io.Image.Output(display_name="loss_curve")],
             hidden=[io.Hidden.unique_id, io.Hidden.prompt],
@@ -140,14 +142,15 @@ class TrainDiceRefiner(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, prompts, guidance_scale, steps, batch_size, learning_rate, loss, width, height,
                 seed, refiner_name, save_every, resume, x0_steps=8, autocast="none", images=None, vae=None,
-                captions="", gradient_checkpointing=False, grad_accum=1) -> io.NodeOutput:
+                captions="", gradient_checkpointing=False, grad_accum=1, lr_schedule="constant") -> io.NodeOutput:
         node_id = str(cls.hidden.unique_id) if cls.hidden else None
         prompt_graph = cls.hidden.prompt if cls.hidden else None
         result = run_training(model, clip, prompts, guidance_scale, steps, batch_size, learning_rate, loss,
                               width, height, seed, refiner_name, save_every, resume, x0_steps, autocast,
                               images, vae, captions, node_id=node_id,
                               base_checkpoint=checkpoint_of(prompt_graph, node_id),
-                              gradient_checkpointing=gradient_checkpointing, grad_accum=grad_accum)
+                              gradient_checkpointing=gradient_checkpointing, grad_accum=grad_accum,
+                              lr_schedule=lr_schedule)
         return io.NodeOutput(*result)
 
 
@@ -190,7 +193,7 @@ def run_training(model, clip, prompts, guidance_scale, steps, batch_size, learni
                  seed, refiner_name, save_every, resume, x0_steps=8, autocast="none", images=None, vae=None,
                  captions="", node_id=None, base_checkpoint="", should_stop=None, log_every=0, on_step=None,
                  gradient_checkpointing=False, percent_range=(0.0, 1.0), negative_prompts="",
-                 negative_share=0.0, init=None, grad_accum=1):
+                 negative_share=0.0, init=None, grad_accum=1, lr_schedule="constant"):
     """The node's work, callable from the headless trainer too. Returns (LoadedRefiner, loss image).
 
     Headless use: should_stop() replaces ComfyUI's interrupt flag (polled before every step and while
@@ -210,7 +213,7 @@ def run_training(model, clip, prompts, guidance_scale, steps, batch_size, learni
         raise ValueError("images were given without a VAE: connect the checkpoint's VAE to encode them")
     config = TrainConfig(guidance_scale=guidance_scale, steps=steps, batch_size=batch_size, lr=learning_rate,
                          loss=loss, seed=seed, save_every=save_every, grad_accum=grad_accum,
-                         autocast=None if autocast == "none" else autocast).validate()
+                         lr_schedule=lr_schedule, autocast=None if autocast == "none" else autocast).validate()
 
     with torch.inference_mode(False), torch.enable_grad():
         encoded = encode_prompts(clip, texts)

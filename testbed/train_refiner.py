@@ -115,6 +115,7 @@ def main(argv=None) -> int:
     ap.add_argument("--open-captions", type=float, default=0.0,
                     help="share of captions that leave the shape colour or the background open")
     ap.add_argument("--init", default=None, help="start from this (single) refiner file instead of zero output")
+    ap.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant")
     args = ap.parse_args(argv)
     percent_range = tuple(float(v) for v in args.percent_range.split(","))
     torch.set_num_threads(int(os.environ.get("TESTBED_THREADS", "2")))
@@ -152,7 +153,8 @@ def main(argv=None) -> int:
         base_checkpoint=os.path.basename(ckpt), should_stop=lambda: False, on_step=on_step,
         percent_range=percent_range, negative_prompts="\n".join(training_negatives(args.seed + 23)),
         negative_share=args.negative_share,
-        init=sys.modules[pack.__name__ + ".cfg_distill"].load_refiner(args.init).module if args.init else None)
+        init=sys.modules[pack.__name__ + ".cfg_distill"].load_refiner(args.init).module if args.init else None,
+        lr_schedule=args.lr_schedule)
     seconds = time.monotonic() - started
     src = os.path.join(args.work, f"{name}.safetensors")
     # Commit as float16 (half the size); the loader computes in float32 either way.
@@ -168,7 +170,8 @@ def main(argv=None) -> int:
                                                percent_range=list(percent_range),
                                                negative_share=args.negative_share,
                                                open_captions=args.open_captions,
-                                               init=os.path.basename(args.init) if args.init else None))
+                                               init=os.path.basename(args.init) if args.init else None,
+                                               lr_schedule=args.lr_schedule, seed=args.seed))
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     save_file(tensors, args.out + ".tmp", metadata=meta)
     os.replace(args.out + ".tmp", args.out)

@@ -94,6 +94,13 @@ def test_resume_continues_and_matches_uninterrupted(server, comfy_base):
     for k, v in a.module.state_dict().items():
         assert (v - b.module.state_dict()[k]).abs().max() <= 1e-6, k
 
+    # The optional cosine schedule reaches the loop: recorded in the state, and a different refiner.
+    cos = server.run(_graph(refiner_name="cosine", steps=8, lr_schedule="cosine"))
+    assert succeeded(cos), execution_error(cos)
+    assert load_training_state(str(folder / "cosine.dice-train-state")).config["lr_schedule"] == "cosine"
+    c = load_refiner(str(folder / "cosine.safetensors")).module.state_dict()
+    assert max((v - c[k]).abs().max() for k, v in a.module.state_dict().items()) > 1e-6
+
 
 def test_cancel_stops_saves_and_reports(server, comfy_base):
     folder = comfy_base / "models" / "dice_refiners"
