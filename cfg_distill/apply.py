@@ -47,9 +47,11 @@ def check_family_fits(loaded: LoadedRefiner, token_dim: int, extras: dict, what:
 
 
 def refine_tokens(loaded: LoadedRefiner, c: torch.Tensor, uc: torch.Tensor, strength: float = 1.0,
-                  extras: dict | None = None, neg_extras: dict | None = None) -> torch.Tensor:
+                  extras: dict | None = None, neg_extras: dict | None = None, w: float | None = None) -> torch.Tensor:
     """c + strength * S(c, uc) for [B, T, D] prompt tokens and [1 or B, T', D] negative tokens.
     extras / neg_extras: the conditioning's other keys, checked against the refiner's family.
+    w: the guidance scale to reproduce, for refiners trained for a range of w (ignored by single-w
+    refiners, which reproduce the w they were trained at).
 
     Long prompts (77-token chunks, from ComfyUI's CLIPTextEncode or a webui's encoder) keep every
     chunk's start token (see `refiner.refine`), the same rule in both hosts since both call this."""
@@ -66,11 +68,19 @@ def refine_tokens(loaded: LoadedRefiner, c: torch.Tensor, uc: torch.Tensor, stre
         check_family_fits(loaded, uc.shape[-1], neg_extras, "negative")
     check_finite(c, "positive")
     check_finite(uc, "negative")
+    amount = None
+    if loaded.info.w_input:
+        if w is None:
+            raise ConditioningError(f"refiner {loaded.name or ''} serves a range of guidance scales: give w".replace("  ", " "))
+        try:
+            amount = loaded.info.w_amount(w)
+        except ValueError as e:
+            raise ConditioningError(f"refiner {loaded.name or ''}: {e}".replace("  ", " ")) from None
     module = loaded.module
     if next(module.parameters()).device != c.device:
         module.to(c.device)
     with torch.no_grad():
-        return refine(module, c, uc, strength, keep_first_token=loaded.info.keep_first_token)
+        return refine(module, c, uc, strength, keep_first_token=loaded.info.keep_first_token, w_amount=amount)
 
 
 def fuse_tokens(c: torch.Tensor, neg: torch.Tensor, w: float, what: str = "token") -> torch.Tensor:
@@ -85,12 +95,12 @@ def fuse_tokens(c: torch.Tensor, neg: torch.Tensor, w: float, what: str = "token
 
 
 def refine_ranges(loaded: LoadedRefiner, c: torch.Tensor, uc: torch.Tensor, strength: float = 1.0,
-                  extras: dict | None = None,
-                  neg_extras: dict | None = None) -> list[tuple[float, float, torch.Tensor]]:
+                  extras: dict | None = None, neg_extras: dict | None = None,
+                  w: float | None = None) -> list[tuple[float, float, torch.Tensor]]:
     """(start_percent, end_percent, refined tokens) per noise-level range of the refiner; one
     (0, 1, tokens) for an ordinary refiner. The host evaluates exactly one per sampling step."""
     if not loaded.info.ranges:
-        return [(0.0, 1.0, refine_tokens(loaded, c, uc, strength, extras, neg_extras))]
+        return [(0.0, 1.0, refine_tokens(loaded, c, uc, strength, extras, neg_extras, w))]
     single = replace(loaded.info, ranges=None)
     return [(a, b, refine_tokens(LoadedRefiner(m, single, loaded.name), c, uc, strength, extras, neg_extras))
             for a, b, m in loaded.stages]

@@ -90,8 +90,21 @@ def start_token_positions(num_tokens: int) -> list[int]:
     return [0]
 
 
+def w_input_tokens(c: torch.Tensor, uc: torch.Tensor, amount) -> torch.Tensor:
+    """The query input of a w-conditioned refiner: c + amount * (c - uc), TeEFusion's fusion scaled
+    down, with amount = scale * (w - w_ref) per file (a float, or one value per batch row). At
+    w = w_ref it is c itself, so a single-w refiner is the special case amount = 0. uc is tiled or
+    cut to c's length (one start token per 77-token chunk on both sides)."""
+    if uc.shape[1] != c.shape[1]:
+        reps = -(-c.shape[1] // uc.shape[1])
+        uc = uc.repeat(1, reps, 1)[:, :c.shape[1]]
+    if isinstance(amount, torch.Tensor):
+        amount = amount.to(c.device, c.dtype).reshape(-1, 1, 1)
+    return c + amount * (c - uc)
+
+
 def refine(refiner: DiceRefiner, c: torch.Tensor, uc: torch.Tensor, alpha: float = 1.0,
-           keep_first_token: bool = True) -> torch.Tensor:
+           keep_first_token: bool = True, w_amount=None) -> torch.Tensor:
     """c_refined = c + alpha * S(c, uc), with the start-of-text tokens kept when the family has them.
 
     Long prompts: refiners are trained on 77-token prompts whose start token is kept, so with
@@ -102,6 +115,9 @@ def refine(refiner: DiceRefiner, c: torch.Tensor, uc: torch.Tensor, alpha: float
     so each token's correction depends on that token and uc alone, and refining the chunks one by one
     would give the same numbers. For 77 tokens this is the official rule (token 0 kept).
 
+    w_amount: for refiners trained for a range of w, the refiner reads `w_input_tokens(c, uc,
+    w_amount)` in place of c (the correction is still added to c); None for single-w refiners.
+
     Runs the refiner in its own parameter dtype on c's device and returns c's dtype, so fp16 / bf16
     conditioning is refined with fp32 maths. Differentiable (the trainer uses it too).
     """
@@ -111,7 +127,10 @@ def refine(refiner: DiceRefiner, c: torch.Tensor, uc: torch.Tensor, alpha: float
         raise ValueError(f"negative batch {uc.shape[0]} does not match prompt batch {c.shape[0]} (nor is 1)")
     param = next(refiner.parameters())
     work = param.dtype
-    delta = refiner(c.to(param.device, work), uc.to(param.device, work)).to(c.device)
+    query = c.to(param.device, work)
+    if w_amount is not None:
+        query = w_input_tokens(query, uc.to(param.device, work), w_amount)
+    delta = refiner(query, uc.to(param.device, work)).to(c.device)
     out = c.to(work) + alpha * delta
     if keep_first_token:
         positions = start_token_positions(c.shape[1])

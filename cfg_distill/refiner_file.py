@@ -5,6 +5,7 @@ the tensor shapes and the family is reported as unknown. Writing is atomic."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -32,6 +33,11 @@ FORMAT_VERSION = 1
 # an older pack says "update" instead of failing on the prefixed names. K = 1 files stay version 1
 # with the official parameter names.
 RANGES_FORMAT_VERSION = 2
+# Refiners trained for a range of guidance scales (w an input, see `RefinerInfo.w_input`) are version
+# 3 with the official parameter names: an older pack would apply them as single-w refiners, so it
+# must say "update" instead.
+W_INPUT_FORMAT_VERSION = 3
+NEWEST_FORMAT_VERSION = W_INPUT_FORMAT_VERSION
 RANGE_PREFIX = "range{}."
 _KEY = "cfg_distill"  # the single metadata entry, a JSON object
 
@@ -58,10 +64,26 @@ class RefinerInfo:
     negatives: bool = False
     # K-range files: [[start_percent, end_percent], ...] tiling 0..1 in sampling order; None = one refiner.
     ranges: list | None = None
+    # One refiner for every w in a range: {"range": [w_min, w_max], "ref": w_ref, "scale": s}. The
+    # refiner reads c + s (w - w_ref)(c - uc) instead of c (cfg_distill.refiner.w_input_tokens);
+    # None: a single-w refiner (the official format), trained at guidance_scale.
+    w_input: dict | None = None
+
+    def w_amount(self, w: float) -> float | None:
+        """The refiner's w input for guidance scale w (None for single-w refiners); out of range: ValueError."""
+        if not self.w_input:
+            return None
+        lo, hi = self.w_input["range"]
+        if not (isinstance(w, (int, float)) and lo - 1e-6 <= w <= hi + 1e-6):
+            raise ValueError(f"this refiner was trained for w from {lo:g} to {hi:g}; got w = {w!r}. Set w "
+                             "inside that range (or train a refiner for a wider one)")
+        return float(self.w_input["scale"]) * (float(w) - float(self.w_input["ref"]))
 
     def summary(self) -> str:
         parts = [f"family {self.base_family}", f"{self.token_dim}-d tokens"]
-        if self.guidance_scale is not None:
+        if self.w_input:
+            parts.append("one refiner for w {:g}-{:g} (w is an input)".format(*self.w_input["range"]))
+        elif self.guidance_scale is not None:
             parts.append(f"trained at w={self.guidance_scale:g}")
         if self.train_steps is not None:
             parts.append(f"{self.train_steps} steps")
@@ -78,7 +100,12 @@ class RefinerInfo:
         d.pop("has_metadata")
         if not d["ranges"]:
             d.pop("ranges")
-        d.update(format=FORMAT_NAME, format_version=RANGES_FORMAT_VERSION if self.ranges else FORMAT_VERSION)
+        if not d["w_input"]:
+            d.pop("w_input")
+        elif self.ranges:
+            raise ValueError("a refiner file holds either noise-level ranges or a w input, not both")
+        version = W_INPUT_FORMAT_VERSION if self.w_input else RANGES_FORMAT_VERSION if self.ranges else FORMAT_VERSION
+        d.update(format=FORMAT_NAME, format_version=version)
         return {_KEY: json.dumps(d, sort_keys=True)}
 
 
@@ -225,9 +252,9 @@ def _info_from(header: dict, name: str) -> RefinerInfo:
     shapes = {k: v["shape"] for k, v in header.items() if k != "__metadata__"}
     meta = _raw_meta(header, name)
     version = meta.get("format_version") if meta is not None else None
-    if isinstance(version, int) and version > RANGES_FORMAT_VERSION and meta.get("format") == FORMAT_NAME:
+    if isinstance(version, int) and version > NEWEST_FORMAT_VERSION and meta.get("format") == FORMAT_NAME:
         raise RefinerFileError(f"{name!r} was written by a newer cfg-distill (format {version}, this version "
-                               f"reads up to {RANGES_FORMAT_VERSION}); update the pack")
+                               f"reads up to {NEWEST_FORMAT_VERSION}); update the pack")
     if meta is not None and meta.get("ranges") is not None:
         ranges = validate_ranges(meta["ranges"], name)
         expected = {RANGE_PREFIX.format(k) for k in range(len(ranges))}
@@ -269,9 +296,10 @@ def _info_from_single(header: dict, name: str, shapes: dict, meta: dict | None) 
                            keep_first_token=True)
     if meta.get("format") != FORMAT_NAME or not isinstance(meta.get("format_version"), int):
         raise RefinerFileError(f"{name!r}: unrecognised metadata format {meta.get('format')!r}")
-    if meta["format_version"] > RANGES_FORMAT_VERSION:
+    if meta["format_version"] > NEWEST_FORMAT_VERSION:
         raise RefinerFileError(f"{name!r} was written by a newer cfg-distill (format "
-                               f"{meta['format_version']}, this version reads {FORMAT_VERSION}); update the pack")
+                               f"{meta['format_version']}, this version reads up to {NEWEST_FORMAT_VERSION}); "
+                               "update the pack")
     if (meta.get("token_dim"), meta.get("inner_dim")) != (token_dim, inner):
         raise RefinerFileError(f"{name!r}: metadata says {meta.get('token_dim')}/{meta.get('inner_dim')} dims "
                                f"but the weights are {token_dim}/{inner}")
@@ -288,7 +316,23 @@ def _info_from_single(header: dict, name: str, shapes: dict, meta: dict | None) 
         base_checkpoint=str(meta.get("base_checkpoint", "")), base_hash=str(meta.get("base_hash", "")),
         guidance_scale=meta.get("guidance_scale"), train_steps=meta.get("train_steps"),
         keep_first_token=bool(meta.get("keep_first_token", fam.keep_first_token)),
-        extra=dict(meta.get("extra") or {}), negatives=bool(meta.get("negatives", False)))
+        extra=dict(meta.get("extra") or {}), negatives=bool(meta.get("negatives", False)),
+        w_input=_valid_w_input(meta.get("w_input"), name))
+
+
+def _valid_w_input(raw, name: str) -> dict | None:
+    if raw is None:
+        return None
+    try:
+        lo, hi = (float(v) for v in raw["range"])
+        ref, scale = float(raw["ref"]), float(raw["scale"])
+        ok = all(map(math.isfinite, (lo, hi, ref, scale))) and 0 <= lo <= hi
+    except (TypeError, KeyError, ValueError):
+        ok = False
+    if not ok:
+        raise RefinerFileError(f"{name!r} has a corrupt w input in its metadata ({raw!r}); expected "
+                               '{"range": [w_min, w_max], "ref": w, "scale": s} with 0 <= w_min <= w_max')
+    return {"range": [lo, hi], "ref": ref, "scale": scale}
 
 
 def load_refiner(path: str) -> LoadedRefiner:

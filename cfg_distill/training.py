@@ -238,7 +238,8 @@ class RefinerStudent:
                                  f"{self.refiner.token_dim}-d: token_dim must be the text encoder's width")
 
     def predict(self, batch: Batch) -> torch.Tensor:
-        refined = refine(self.refiner, batch.c, batch.uc, self.config.alpha, self.config.keep_first_token)
+        refined = refine(self.refiner, batch.c, batch.uc, self.config.alpha, self.config.keep_first_token,
+                         w_amount=batch.extra.get("w_amount") if batch.extra else None)
         return self.student(batch, refined)
 
 

@@ -123,8 +123,9 @@ def and_prompt_problem(weights_per_prompt: Sequence[Sequence[float]]) -> str | N
     return None
 
 
-def infotext_params(settings: Settings, refiner_hash: str = "") -> dict:
-    """The entries to put into p.extra_generation_params (only those of the active mode)."""
+def infotext_params(settings: Settings, refiner_hash: str = "", refiner_takes_w: bool = False) -> dict:
+    """The entries to put into p.extra_generation_params (only those of the active mode; w in DICE
+    mode only for refiners trained for a range of w, which read it)."""
     if not settings.active:
         return {}
     out = {INFO_MODE: settings.mode}
@@ -134,6 +135,8 @@ def infotext_params(settings: Settings, refiner_hash: str = "") -> dict:
             out[INFO_REFINER_HASH] = refiner_hash
         out[INFO_STRENGTH] = settings.strength
         out[INFO_NEGATIVE] = settings.negative_as_null
+        if refiner_takes_w:
+            out[INFO_W] = settings.w
     else:
         out[INFO_W] = settings.w
     return out
@@ -403,7 +406,7 @@ class CondTransform:
         s = self.settings
         null_tokens = tokens_of(null)
         if s.mode == MODE_DICE:  # tokens only: the pooled vector stays the host's own
-            return refine_tokens(self.refiner, c, null_tokens, s.strength), None
+            return refine_tokens(self.refiner, c, null_tokens, s.strength, w=s.w), None
         out_tokens = fuse_tokens(c, null_tokens, s.w, "token")
         if vec is None:
             return out_tokens, None

@@ -96,7 +96,8 @@ class ComfyDistillHost:
     def __init__(self, model, prompts: list[EncodedPrompt], null: EncodedPrompt, guidance_scale: float,
                  batch_size: int, gradient_checkpointing: bool = False,
                  percent_range: tuple[float, float] = (0.0, 1.0),
-                 negatives: list[EncodedPrompt] | None = None, negative_share: float = 0.0):
+                 negatives: list[EncodedPrompt] | None = None, negative_share: float = 0.0,
+                 w_input: dict | None = None):
         start, end = percent_range
         if not 0.0 <= start < end <= 1.0:
             raise ValueError(f"percent_range must satisfy 0 <= start < end <= 1 (got {percent_range!r})")
@@ -110,6 +111,9 @@ class ComfyDistillHost:
         # Negatives: with probability negative_share a sample's second input is a negative prompt
         # (drawn uniformly) instead of "", and the teacher is CFG with that negative.
         self.negatives, self.negative_share = list(negatives or []), float(negative_share)
+        # One refiner for a range of w (RefinerInfo.w_input): w drawn per sample, the teacher is CFG at
+        # that sample's w and the refiner reads it through its input.
+        self.w_input = w_input
         self.mp = trainable_clone(model)
         self.gradient_checkpointing = gradient_checkpointing
         self.mp.model.requires_grad_(False)
@@ -181,8 +185,14 @@ class ComfyDistillHost:
             uc = batch_tokens(ucs)
         else:
             uc = self.null.tokens
+        extra = {"prompts": prompts}
+        if self.w_input:  # drawn last, so runs without it keep their exact random stream
+            lo, hi = self.w_input["range"]
+            w = torch.rand(self.batch_size, generator=g) * (hi - lo) + lo
+            extra["w"] = w.to(self.device)
+            extra["w_amount"] = (self.w_input["scale"] * (w - self.w_input["ref"])).to(self.device)
         return Batch(x_t=x_t.to(self.device), sigma=sigma.to(self.device), c=batch_tokens(prompts).to(self.device),
-                     uc=uc.to(self.device), extra={"prompts": prompts})
+                     uc=uc.to(self.device), extra=extra)
 
     def _process(self, cond, batch: Batch):
         # calc_cond_batch reads the active patcher, which ComfyUI's guider sets per sampling run.
@@ -203,6 +213,11 @@ class ComfyDistillHost:
             if isinstance(uc_extras.get("pooled_output"), torch.Tensor):
                 uc_extras["pooled_output"] = uc_extras["pooled_output"].expand(batch.uc.shape[0], -1)
             uncond = self._process([[batch.uc, uc_extras]], batch)
+        if "w" in batch.extra:  # CFG at each sample's own w
+            c_out, u_out = comfy.samplers.calc_cond_batch(self.mp.model, [cond, uncond], batch.x_t, batch.sigma,
+                                                          self.mp.model_options)
+            w = batch.extra["w"].to(c_out.device, c_out.dtype).reshape(-1, *([1] * (c_out.ndim - 1)))
+            return self._eps(batch, u_out + w * (c_out - u_out))
         denoised = comfy.samplers.sampling_function(self.mp.model, batch.x_t, batch.sigma, uncond, cond, self.w,
                                                     model_options=self.mp.model_options)
         return self._eps(batch, denoised)

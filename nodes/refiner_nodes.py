@@ -69,13 +69,18 @@ class ApplyDiceRefiner(io.ComfyNode):
                 DiceRefinerType.Input("refiner"),
                 io.Float.Input("strength", default=1.0, min=-2.0, max=4.0, step=0.05,
                                tooltip="alpha in c + alpha * S(c, uc); 1.0 is what the refiner was trained for."),
+                io.Float.Input("w", default=5.0, min=0.0, max=30.0, step=0.1, optional=True,
+                               tooltip="The CFG scale to reproduce, for refiners trained for a range of w ('one "
+                                       "refiner for w a-b' in python -m cfg_distill info FILE); it must lie in "
+                                       "that range. Single-w refiners reproduce the w they were trained at and "
+                                       "ignore this."),
             ],
             outputs=[io.Conditioning.Output(display_name="positive",
                                             tooltip="Refined positive: feed a KSampler at cfg 1.0.")],
         )
 
     @classmethod
-    def execute(cls, positive, negative, refiner, strength) -> io.NodeOutput:
+    def execute(cls, positive, negative, refiner, strength, w=5.0) -> io.NodeOutput:
         uc, neg_extras = first_tokens(negative, "negative")
         first_tokens(positive, "positive")
         try:
@@ -83,7 +88,7 @@ class ApplyDiceRefiner(io.ComfyNode):
             # HiDream's Llama tensor, guidance, areas...) is kept as it is.
             refined = []
             for tokens, extras in positive:
-                stages = refine_ranges(refiner, tokens, uc, strength, extras=extras, neg_extras=neg_extras)
+                stages = refine_ranges(refiner, tokens, uc, strength, extras=extras, neg_extras=neg_extras, w=w)
                 refined += range_entries(stages, extras)
         except ConditioningError as e:
             raise ValueError(f"Apply DICE Refiner: {e}") from None

@@ -193,7 +193,7 @@ def run_training(model, clip, prompts, guidance_scale, steps, batch_size, learni
                  seed, refiner_name, save_every, resume, x0_steps=8, autocast="none", images=None, vae=None,
                  captions="", node_id=None, base_checkpoint="", should_stop=None, log_every=0, on_step=None,
                  gradient_checkpointing=False, percent_range=(0.0, 1.0), negative_prompts="",
-                 negative_share=0.0, init=None, grad_accum=1, lr_schedule="constant"):
+                 negative_share=0.0, init=None, grad_accum=1, lr_schedule="constant", w_range=None):
     """The node's work, callable from the headless trainer too. Returns (LoadedRefiner, loss image).
 
     Headless use: should_stop() replaces ComfyUI's interrupt flag (polled before every step and while
@@ -223,16 +223,17 @@ def run_training(model, clip, prompts, guidance_scale, steps, batch_size, learni
         check_distillable(model, family)
         config.keep_first_token = FAMILIES.get(family, FAMILIES["other"]).keep_first_token
         negs = [p.strip() for p in (negative_prompts or "").splitlines() if p.strip()]
+        w_input = w_input_for(w_range, guidance_scale)
         host = ComfyDistillHost(model, encoded, null, guidance_scale, batch_size, gradient_checkpointing,
                                 percent_range=percent_range, negatives=encode_prompts(clip, negs) if negs else None,
-                                negative_share=negative_share)
+                                negative_share=negative_share, w_input=w_input)
         host.load()
         try:
             _fill_x0_pool(host, texts, encoded, clip, images, vae, captions,
                           (height // 8, width // 8), x0_steps, seed, node_id, should_stop=should_stop)
             info_fields = dict(base_family=family, base_checkpoint=base_checkpoint,
                                base_hash=_checkpoint_hash(base_checkpoint),
-                               negatives=bool(negs) and negative_share > 0)
+                               negatives=bool(negs) and negative_share > 0, w_input=w_input)
             if tuple(percent_range) != (0.0, 1.0):  # one range of a K-range refiner (combined later)
                 info_fields["extra"] = {"trained_percent_range": [float(v) for v in percent_range]}
             main_rank = _rank() == 0  # torch.distributed: all ranks hold the same weights; one writes
@@ -270,6 +271,23 @@ def run_training(model, clip, prompts, guidance_scale, steps, batch_size, learni
         raise comfy.model_management.InterruptProcessingException()  # stop the rest of the graph
     curve = torch.from_numpy(loss_curve_image(result.losses))[None]
     return LoadedRefiner(refiner, info, os.path.basename(path)), curve
+
+
+# How strongly a w-conditioned refiner's input moves with w: c + W_INPUT_SCALE (w - w_ref)(c - uc).
+# Small, so that at w_ref the input is c and a single-w refiner trained at w_ref is a valid start.
+W_INPUT_SCALE = 0.1
+
+
+def w_input_for(w_range, guidance_scale) -> dict | None:
+    """RefinerInfo.w_input of a refiner trained for w in w_range (None: a single-w refiner), centred
+    on guidance_scale."""
+    if w_range is None:
+        return None
+    lo, hi = (float(v) for v in w_range)
+    if not (0 <= lo < hi and lo <= guidance_scale <= hi):
+        raise ValueError(f"w range must satisfy 0 <= w_min < w_max with the guidance scale inside it, e.g. 3 to 7 "
+                         f"around 5 (got {lo:g} to {hi:g}, guidance scale {guidance_scale:g})")
+    return {"range": [lo, hi], "ref": float(guidance_scale), "scale": W_INPUT_SCALE}
 
 
 def _rank() -> int:

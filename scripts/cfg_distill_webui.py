@@ -267,13 +267,14 @@ class CfgDistillScript(scripts.Script):
                                              '(untrained, zero-shot; off or empty: the empty prompt "")',
                                        elem_id=f"{tab}_cfg_distill_negative")
             with gr.Column(visible=False) as tee_box:
-                w = gr.Slider(0.0, 15.0, step=0.1, value=logic.DEFAULT_W, label="TeEFusion w",
+                w = gr.Slider(0.0, 15.0, step=0.1, value=logic.DEFAULT_W,
+                              label="w (TeEFusion; DICE refiners trained for a range of w)",
                               elem_id=f"{tab}_cfg_distill_w")
             warning = gr.Markdown("", visible=False)
 
         def on_mode(mode_value, *cfg):
             return (gr.update(visible=mode_value == logic.MODE_DICE),
-                    gr.update(visible=mode_value == logic.MODE_TEEFUSION),
+                    gr.update(visible=mode_value in (logic.MODE_TEEFUSION, logic.MODE_DICE)),
                     _warning_update(gr, mode_value, cfg[0] if cfg else None))
 
         cfg_inputs = [self._cfg_slider] if self._cfg_slider is not None else []
@@ -326,7 +327,8 @@ class CfgDistillScript(scripts.Script):
 
         run = _Run(settings, transform)
         setattr(p, RUN_ATTR, run)
-        p.extra_generation_params.update(logic.infotext_params(settings, refiner_hash))
+        takes_w = bool(transform.refiner is not None and transform.refiner.info.w_input)
+        p.extra_generation_params.update(logic.infotext_params(settings, refiner_hash, takes_w))
 
         if settings.mode == logic.MODE_TEEFUSION:
             try:
@@ -427,6 +429,7 @@ def _prepare(p, settings: logic.Settings):
                                       is_sd2=bool(getattr(model, "is_sd2", False)),
                                       is_sdxl=bool(getattr(model, "is_sdxl", False)))
     logic.check_refiner_for_model(loaded.info, settings.refiner, model_dim)
+    loaded.info.w_amount(settings.w)  # a refiner for a range of w: the w slider must lie in it
     return logic.CondTransform(settings, loaded), STORE.short_hash(settings.refiner)
 
 

@@ -106,8 +106,12 @@ class Runner:
         return images.reshape(-1, data.SIZE, data.SIZE, 3).float().numpy(), rows[0]
 
 
-def methods(quick: bool, refiners: dict[str, str]) -> list[dict]:
-    """refiners: key -> label of the loaded refiner files ("dice" is the shipped one)."""
+W_ROWS = (3.0, 7.0)  # a w-conditioned refiner's rows besides its reference w (5)
+
+
+def methods(quick: bool, refiners: dict[str, str], w_keys=()) -> list[dict]:
+    """refiners: key -> label of the loaded refiner files ("dice" is the shipped one); w_keys: those
+    that take w as an input (one refiner for a range of w), which get rows at W_ROWS too."""
     m = [dict(name="cfg 1 (no guidance)", key="cfg1", cfg=1.0, pos="c", neg="null"),
          dict(name="CFG w=3", key="cfg3", cfg=3.0, pos="c", neg="null"),
          dict(name="CFG w=5", key="cfg5", cfg=5.0, pos="c", neg="null"),
@@ -117,6 +121,9 @@ def methods(quick: bool, refiners: dict[str, str]) -> list[dict]:
         m += [dict(name=f"DICE ({label}), cfg 1", key=key, cfg=1.0, pos=key, neg="null"),
               dict(name=f"DICE ({label}) + negative prompt, cfg 1", key=f"{key}_neg", cfg=1.0, pos=f"{key}_neg",
                    neg="null")]
+        if key in w_keys:
+            m += [dict(name=f"DICE ({label}) at w = {w:g}, cfg 1", key=f"{key}_w{w:g}", cfg=1.0, pos=f"{key}_w{w:g}",
+                       neg="null", same_w=w) for w in W_ROWS]
     m += [dict(name="TeEFusion fusion w=4 (training-free), cfg 1", key="teefusion4", cfg=1.0, pos="fuse4", neg="null"),
           dict(name="TeEFusion fusion w=1 (training-free), cfg 1", key="teefusion1", cfg=1.0, pos="fuse1", neg="null"),
           dict(name="scaled embeddings x1.2, cfg 1", key="scaled", cfg=1.0, pos="scaled", neg="null")]
@@ -154,7 +161,8 @@ def avoidance(runner, core, refiners: dict, combos, seeds: int, steps: int, seed
         def positive(uc):
             if key == "cfg5":
                 return c
-            return [(a, b, t) for a, b, t in core.refine_ranges(refiners[key], c, uc, 1.0)]
+            r = refiners[key]
+            return [(a, b, t) for a, b, t in core.refine_ranges(r, c, uc, 1.0, w=r.info.guidance_scale)]
 
         cfg = 5.0 if key == "cfg5" else 1.0
         t0 = time.monotonic()
@@ -212,8 +220,13 @@ def run(args) -> dict:
     inputs = {"c": c, "null": null, "negative": neg, "scaled": c * 1.2,
               "fuse4": core.fuse_tokens(c, null, 4.0), "fuse1": core.fuse_tokens(c, null, 1.0)}
     for key, r in refiners.items():
-        inputs[key] = core.refine_ranges(r, c, null, 1.0)
-        inputs[f"{key}_neg"] = core.refine_ranges(r, c, neg, 1.0)
+        # w: a w-conditioned refiner at its reference w (single-w refiners ignore it)
+        inputs[key] = core.refine_ranges(r, c, null, 1.0, w=r.info.guidance_scale)
+        inputs[f"{key}_neg"] = core.refine_ranges(r, c, neg, 1.0, w=r.info.guidance_scale)
+        if r.info.w_input:
+            for w in W_ROWS:
+                inputs[f"{key}_w{w:g}"] = core.refine_ranges(r, c, null, 1.0, w=w)
+    w_keys = [k for k, r in refiners.items() if r.info.w_input]
     # --- TeEFusion student rows (testbed.bench_teefusion) ---
     from testbed import bench_teefusion
 
@@ -222,10 +235,10 @@ def run(args) -> dict:
     row_combos = [cb for cb in combos for _ in range(S)]
     real = real_features(combos)
     results, images = {}, {}
-    chosen = methods(args.quick, labels)
+    chosen = methods(args.quick, labels, w_keys)
     chosen += bench_teefusion.methods(args.quick) if tee_models else []  # TeEFusion student rows
     if args.methods:  # "none": only the avoidance test
-        every = methods(False, labels) + (bench_teefusion.methods(False) if tee_models else [])
+        every = methods(False, labels, w_keys) + (bench_teefusion.methods(False) if tee_models else [])
         chosen = [m for m in every if m["key"] in args.methods.split(",")]
     for m in chosen:
         t0 = time.monotonic()
@@ -234,7 +247,8 @@ def run(args) -> dict:
         negt = inputs["null"] if m["neg"] == "null" else rep(inputs[m["neg"]])
         imgs, rows = runner.sample(pos, negt, m["cfg"], args.steps, args.seed, model=tee_models.get(m.get("model")))
         sc = judge.score(imgs, row_combos)
-        results[m["key"]] = dict(name=m["name"], cfg=m["cfg"], nfe=rows / len(imgs), alignment=sc["alignment"],
+        results[m["key"]] = dict(name=m["name"], cfg=m["cfg"], same_w=m.get("same_w"), nfe=rows / len(imgs),
+                                 alignment=sc["alignment"],
                                  all_correct=sc["all_correct"], per_attribute=sc["per_attribute"],
                                  fd=judge.frechet(sc["features"], real), seconds=time.monotonic() - t0)
         images[m["key"]] = imgs
@@ -282,6 +296,11 @@ def summarize(results: dict) -> dict:
         for k in results:
             if k.startswith(("dice", "teefusion", "scaled")) and gap > 0:
                 s[f"recovery_{k}"] = (results[k]["alignment"] - results["cfg1"]["alignment"]) / gap
+            ref = f"cfg{results[k].get('same_w') or 0:g}"
+            if results[k].get("same_w") and ref in results:  # a w-conditioned refiner: against CFG at its w
+                same_gap = results[ref]["alignment"] - results["cfg1"]["alignment"]
+                if same_gap > 0:
+                    s[f"recovery_same_w_{k}"] = (results[k]["alignment"] - results["cfg1"]["alignment"]) / same_gap
     return s
 
 
@@ -301,6 +320,9 @@ def table_markdown(out: dict) -> str:
         for k, r in out["results"].items():
             if f"recovery_{k}" in s and not k.startswith("tee_"):
                 lines.append(f"{r['name'].replace(', cfg 1', '')} recovers {100 * s[f'recovery_{k}']:.0f}% of that gap.")
+            if f"recovery_same_w_{k}" in s:
+                lines.append(f"{r['name'].replace(', cfg 1', '')} recovers {100 * s[f'recovery_same_w_{k}']:.0f}% "
+                             f"of the CFG w={r['same_w']:g} gap.")
     avoid = out.get("avoidance") or {}
     if avoid:
         lines += ["", "Avoidance (the prompt leaves the shape's colour open; the same seed re-run with the colour "

@@ -116,6 +116,8 @@ def main(argv=None) -> int:
                     help="share of captions that leave the shape colour or the background open")
     ap.add_argument("--init", default=None, help="start from this (single) refiner file instead of zero output")
     ap.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant")
+    ap.add_argument("--w-range", default=None, help="min,max: one refiner for every w in this range (w an input; "
+                                                      "--guidance-scale is its reference w)")
     args = ap.parse_args(argv)
     percent_range = tuple(float(v) for v in args.percent_range.split(","))
     torch.set_num_threads(int(os.environ.get("TESTBED_THREADS", "2")))
@@ -154,7 +156,8 @@ def main(argv=None) -> int:
         percent_range=percent_range, negative_prompts="\n".join(training_negatives(args.seed + 23)),
         negative_share=args.negative_share,
         init=sys.modules[pack.__name__ + ".cfg_distill"].load_refiner(args.init).module if args.init else None,
-        lr_schedule=args.lr_schedule)
+        lr_schedule=args.lr_schedule,
+        w_range=tuple(float(v) for v in args.w_range.split(",")) if args.w_range else None)
     seconds = time.monotonic() - started
     src = os.path.join(args.work, f"{name}.safetensors")
     # Commit as float16 (half the size); the loader computes in float32 either way.
@@ -171,7 +174,8 @@ def main(argv=None) -> int:
                                                negative_share=args.negative_share,
                                                open_captions=args.open_captions,
                                                init=os.path.basename(args.init) if args.init else None,
-                                               lr_schedule=args.lr_schedule, seed=args.seed))
+                                               lr_schedule=args.lr_schedule, seed=args.seed,
+                                               w_range=args.w_range))
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     save_file(tensors, args.out + ".tmp", metadata=meta)
     os.replace(args.out + ".tmp", args.out)
