@@ -73,6 +73,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--grad-accum", type=int, default=4,
                    help="micro-batches per optimizer step: effective batch = batch size x this, memory of one "
                         "micro-batch (default %(default)s; see the README's training table)")
+    p.add_argument("--w-range", default=None, metavar="MIN,MAX",
+                   help="one refiner for every w in MIN..MAX (w an input when applied); --guidance-scale is its "
+                        "reference w and must lie inside")
     p.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant",
                    help="cosine: the learning rate falls to 0 over --steps (default %(default)s)")
     p.add_argument("--lr", "--learning-rate", dest="lr", type=float, default=5e-4,
@@ -384,7 +387,8 @@ def _run(args, d: Dist, comfy_dir: str, use_cpu: bool) -> int:
                 args.width, args.height, args.seed, name, args.save_every, args.resume, args.x0_steps,
                 args.autocast, base_checkpoint=ckpt_name, should_stop=stop, log_every=args.log_every,
                 on_step=progress, gradient_checkpointing=args.gradient_checkpointing, grad_accum=args.grad_accum,
-                lr_schedule=args.lr_schedule)
+                lr_schedule=args.lr_schedule,
+                w_range=tuple(float(v) for v in args.w_range.split(",")) if args.w_range else None)
     except comfy.model_management.InterruptProcessingException:
         if d.rank == 0:
             log.warning("cancelled while preparing the training latents: nothing was trained or saved")

@@ -133,6 +133,11 @@ class TrainDiceRefiner(io.ComfyNode):
                                 tooltip="One caption per image; else the prompts are used in turn."),
                 io.Combo.Input("lr_schedule", options=["constant", "cosine"], default="constant", optional=True,
                                tooltip="cosine: the learning rate falls to 0 over the run."),
+                io.Float.Input("w_min", default=0.0, min=0.0, max=30.0, step=0.1, optional=True,
+                               tooltip="With w_max: one refiner for every w in [w_min, w_max] (w an input of "
+                                       "Apply DICE Refiner), w drawn per sample; guidance_scale must lie inside "
+                                       "(the reference w). 0 and 0: a refiner for guidance_scale only."),
+                io.Float.Input("w_max", default=0.0, min=0.0, max=30.0, step=0.1, optional=True),
             ],
             outputs=[DiceRefinerType.Output(display_name="refiner"), io.Image.Output(display_name="loss_curve")],
             hidden=[io.Hidden.unique_id, io.Hidden.prompt],
@@ -142,7 +147,8 @@ class TrainDiceRefiner(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, prompts, guidance_scale, steps, batch_size, learning_rate, loss, width, height,
                 seed, refiner_name, save_every, resume, x0_steps=8, autocast="none", images=None, vae=None,
-                captions="", gradient_checkpointing=False, grad_accum=1, lr_schedule="constant") -> io.NodeOutput:
+                captions="", gradient_checkpointing=False, grad_accum=1, lr_schedule="constant", w_min=0.0,
+                w_max=0.0) -> io.NodeOutput:
         node_id = str(cls.hidden.unique_id) if cls.hidden else None
         prompt_graph = cls.hidden.prompt if cls.hidden else None
         result = run_training(model, clip, prompts, guidance_scale, steps, batch_size, learning_rate, loss,
@@ -150,7 +156,7 @@ class TrainDiceRefiner(io.ComfyNode):
                               images, vae, captions, node_id=node_id,
                               base_checkpoint=checkpoint_of(prompt_graph, node_id),
                               gradient_checkpointing=gradient_checkpointing, grad_accum=grad_accum,
-                              lr_schedule=lr_schedule)
+                              lr_schedule=lr_schedule, w_range=(w_min, w_max) if (w_min or w_max) else None)
         return io.NodeOutput(*result)
 
 

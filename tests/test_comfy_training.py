@@ -101,6 +101,13 @@ def test_resume_continues_and_matches_uninterrupted(server, comfy_base):
     c = load_refiner(str(folder / "cosine.safetensors")).module.state_dict()
     assert max((v - c[k]).abs().max() for k, v in a.module.state_dict().items()) > 1e-6
 
+    # w_min / w_max: one refiner for a range of w, recorded in its file.
+    wr = server.run(_graph(refiner_name="w-range", steps=2, w_min=3.0, w_max=7.0))
+    assert succeeded(wr), execution_error(wr)
+    assert load_refiner(str(folder / "w-range.safetensors")).info.w_input["range"] == [3.0, 7.0]
+    bad = server.run(_graph(refiner_name="w-bad", steps=2, w_min=6.0, w_max=8.0))
+    assert not succeeded(bad) and "w range must satisfy" in execution_error(bad)["exception_message"]
+
 
 def test_cancel_stops_saves_and_reports(server, comfy_base):
     folder = comfy_base / "models" / "dice_refiners"
