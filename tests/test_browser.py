@@ -481,15 +481,22 @@ def _watch_training(fe, server, nid, shot):
     last_change = time.monotonic()
     # Progress-aware: give up when neither the node nor the page's websocket moved for a while.
     while time.monotonic() - max(last_change, fe.last_activity(), server.last_sign_of_life()) < IDLE_TIMEOUT:
-        state = view.get_attribute("data-state") if view.count() else None
+        # One read of the view's attributes and the text a user sees, so a step that lands between
+        # two reads cannot mix two steps (fast trainers update every few tens of milliseconds).
+        snap = fe.js("""() => { const v = document.querySelector('.cfgd-train');
+            if (!v) return null;
+            const s = v.querySelector('.cfgd-status');
+            return {state: v.getAttribute('data-state'), step: v.getAttribute('data-step'),
+                    loss: v.getAttribute('data-loss'), status: s ? s.innerText : ''}; }""")
+        state = snap["state"] if snap else None
         # This run's steps only: a previous run's view says "done" until the first new event.
-        step = view.get_attribute("data-step") if state == "running" or seen else None
+        step = snap["step"] if snap and (state == "running" or seen) else None
         if step is not None and (not seen or int(step) != seen[-1]):
             last_change = time.monotonic()
             seen.append(int(step))
-            losses.append(float(view.get_attribute("data-loss")))
-            status = view.locator(".cfgd-status").inner_text()  # the text a user sees on the node
-            assert f"step {step}/" in status and "loss" in status and "ETA" in status
+            losses.append(float(snap["loss"]))
+            status = snap["status"]
+            assert f"step {step}/" in status and "loss" in status and "ETA" in status, status
             assert view.is_visible()
             if len(seen) == 3:
                 fe.screenshot(os.path.join(SHOTS, f"{shot}_running.png"))
