@@ -76,8 +76,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--w-range", default=None, metavar="MIN,MAX",
                    help="one refiner for every w in MIN..MAX (w an input when applied); --guidance-scale is its "
                         "reference w and must lie inside")
-    p.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant",
-                   help="cosine: the learning rate falls to 0 over --steps (default %(default)s)")
+    p.add_argument("--lr-schedule", choices=["cosine", "constant"], default="cosine",
+                   help="cosine: the learning rate falls to 0 over --steps; constant: the same rate throughout, so "
+                        "a run extended with --resume and more --steps continues exactly (default %(default)s)")
     p.add_argument("--lr", "--learning-rate", dest="lr", type=float, default=5e-4,
                    help="AdamW learning rate (default %(default)g; the paper's 2e-4 is for batch 128)")
     p.add_argument("--loss", choices=["l2", "l1"], default="l2",

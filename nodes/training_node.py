@@ -131,8 +131,11 @@ class TrainDiceRefiner(io.ComfyNode):
                 io.Vae.Input("vae", optional=True, tooltip="Needed with images."),
                 io.String.Input("captions", multiline=True, optional=True, default="",
                                 tooltip="One caption per image; else the prompts are used in turn."),
-                io.Combo.Input("lr_schedule", options=["constant", "cosine"], default="constant", optional=True,
-                               tooltip="cosine: the learning rate falls to 0 over the run."),
+                io.Combo.Input("lr_schedule", options=["cosine", "constant"], default="cosine", optional=True,
+                               tooltip="cosine (default): the learning rate falls to 0 over the run; on the testbed "
+                                       "it took the same 2000 x 16 run from 68% to 77% of CFG's gain. constant: "
+                                       "the same rate throughout (a run extended by resume then continues "
+                                       "exactly)."),
                 io.Float.Input("w_min", default=0.0, min=0.0, max=30.0, step=0.1, optional=True,
                                tooltip="With w_max: one refiner for every w in [w_min, w_max] (w an input of "
                                        "Apply DICE Refiner), w drawn per sample; guidance_scale must lie inside "
@@ -147,7 +150,7 @@ class TrainDiceRefiner(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, prompts, guidance_scale, steps, batch_size, learning_rate, loss, width, height,
                 seed, refiner_name, save_every, resume, x0_steps=8, autocast="none", images=None, vae=None,
-                captions="", gradient_checkpointing=False, grad_accum=1, lr_schedule="constant", w_min=0.0,
+                captions="", gradient_checkpointing=False, grad_accum=1, lr_schedule="cosine", w_min=0.0,
                 w_max=0.0) -> io.NodeOutput:
         node_id = str(cls.hidden.unique_id) if cls.hidden else None
         prompt_graph = cls.hidden.prompt if cls.hidden else None

@@ -198,8 +198,11 @@ def run(args) -> dict:
     core = sys.modules[pack.__name__ + ".cfg_distill"]
     ckpt = assemble(args.ckpt_dir, args.weights, force=args.weights != WEIGHTS_DIR)
     runner = Runner(ckpt, args.stock_text_encode)
-    _train, held = data.split()
-    combos = held[:args.prompts]
+    train, held = data.split()
+    if args.split == "train":  # seen combinations, spread evenly over the training list
+        combos = train[::max(1, len(train) // args.prompts)][:args.prompts]
+    else:
+        combos = held[:args.prompts]
     prompts = [c.prompt(i) for i, c in enumerate(combos)]
     negatives = [negative_for(c).prompt(i) for i, c in enumerate(combos)]
     t0 = time.monotonic()
@@ -266,7 +269,7 @@ def run(args) -> dict:
     summary = summarize(results)
     bench_teefusion.summarize(results, summary)
     out = dict(prompts=prompts, seeds=S, steps=args.steps, sampler=f"{SAMPLER}/{SCHEDULER}", seed=args.seed,
-               split="held-out", refiner=os.path.basename(args.refiner) if "dice" in refiners else None,
+               split=args.split, refiner=os.path.basename(args.refiner) if "dice" in refiners else None,
                refiner_info={k: r.info.summary() for k, r in refiners.items()},
                labels=labels, text_seconds=t_text, results=results, summary=summary, avoidance=avoid)
     os.makedirs(args.out, exist_ok=True)
@@ -363,6 +366,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="Quality table of CFG / DICE / TeEFusion on the testbed model.")
     ap.add_argument("--quick", action="store_true", help="CI subset: 12 prompts x 2 seeds, cfg 1 / CFG 5 / DICE")
     ap.add_argument("--prompts", type=int, default=None, help="held-out prompts to use (default 60; quick 12)")
+    ap.add_argument("--split", choices=["held-out", "train"], default="held-out",
+                    help="train: prompts of combinations seen in training instead (does the refiner generalise, "
+                         "or does it fall short on what it was trained on too?)")
     ap.add_argument("--seeds", type=int, default=None, help="noise draws per prompt (default 4; quick 2)")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--seed", type=int, default=1)

@@ -116,8 +116,13 @@ def main(argv=None) -> int:
                     help="share of captions that leave the shape colour or the background open")
     ap.add_argument("--init", default=None, help="start from this (single) refiner file instead of zero output")
     ap.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant")
+    ap.add_argument("--inner-dim", type=int, default=None,
+                    help="refiner width when training from zero (default: the official 512); the loader reads any")
     ap.add_argument("--w-range", default=None, help="min,max: one refiner for every w in this range (w an input; "
                                                       "--guidance-scale is its reference w)")
+    ap.add_argument("--w-input-scale", type=float, default=None,
+                    help="with --w-range: how strongly the refiner's input moves with w, c + s (w - w_ref)(c - uc) "
+                         "(default: the node's)")
     args = ap.parse_args(argv)
     percent_range = tuple(float(v) for v in args.percent_range.split(","))
     torch.set_num_threads(int(os.environ.get("TESTBED_THREADS", "2")))
@@ -131,6 +136,8 @@ def main(argv=None) -> int:
 
     training_node = sys.modules[pack.__name__ + ".nodes.training_node"]
     folders = sys.modules[pack.__name__ + ".nodes.folders"]
+    if args.w_input_scale is not None:  # an ablation knob; the file records the scale it was trained with
+        training_node.W_INPUT_SCALE = args.w_input_scale
     os.makedirs(args.work, exist_ok=True)
     folder_paths.add_model_folder_path(folders.FOLDER, args.work, is_default=True)
     ckpt = assemble(args.ckpt_dir, args.weights, force=args.weights != WEIGHTS_DIR)
@@ -155,7 +162,7 @@ def main(argv=None) -> int:
         base_checkpoint=os.path.basename(ckpt), should_stop=lambda: False, on_step=on_step,
         percent_range=percent_range, negative_prompts="\n".join(training_negatives(args.seed + 23)),
         negative_share=args.negative_share,
-        init=sys.modules[pack.__name__ + ".cfg_distill"].load_refiner(args.init).module if args.init else None,
+        init=_initial_refiner(pack, args, clip),
         lr_schedule=args.lr_schedule,
         w_range=tuple(float(v) for v in args.w_range.split(",")) if args.w_range else None)
     seconds = time.monotonic() - started
@@ -175,6 +182,7 @@ def main(argv=None) -> int:
                                                open_captions=args.open_captions,
                                                init=os.path.basename(args.init) if args.init else None,
                                                lr_schedule=args.lr_schedule, seed=args.seed,
+                                               inner_dim=args.inner_dim, w_input_scale=args.w_input_scale,
                                                w_range=args.w_range))
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     save_file(tensors, args.out + ".tmp", metadata=meta)
@@ -182,6 +190,21 @@ def main(argv=None) -> int:
     print(f"refiner trained in {seconds:.0f}s ({loaded.info.summary()}); saved {args.out}")
     np.save(os.path.join(args.work, "losses.npy"), np.array(_losses_of(src)))
     return 0
+
+
+def _initial_refiner(pack, args, clip):
+    """The refiner training starts from: --init's file, a zero-output one of --inner-dim, or None (the
+    trainer's default width)."""
+    core = sys.modules[pack.__name__ + ".cfg_distill"]
+    if args.init:
+        if args.inner_dim:
+            raise SystemExit("--init and --inner-dim exclude each other: the init file sets the width")
+        return core.load_refiner(args.init).module
+    if not args.inner_dim:
+        return None
+    cond = clip.encode_from_tokens(clip.tokenize("a"), return_pooled=False)
+    return sys.modules[pack.__name__ + ".cfg_distill.training"].new_refiner(cond.shape[-1], args.inner_dim,
+                                                                             seed=args.seed)
 
 
 def _losses_of(path: str) -> list[float]:

@@ -94,6 +94,7 @@ def test_trains_and_writes_the_node_s_file_with_metadata(work):
     assert info.base_checkpoint == CKPT
     assert info.base_hash == short_hash_of_file(str(work / "ckpts" / CKPT))
     assert info.keep_first_token
+    assert load_training_state(str(full["path"].parent / "full.dice-train-state")).config["lr_schedule"] == "cosine"
     assert re.search(r"step 8/8 loss [0-9.]+", full["log"])
     assert "done after 8 steps" in full["log"]
     # It learned something: the output layer starts at zero.
@@ -103,26 +104,30 @@ def test_trains_and_writes_the_node_s_file_with_metadata(work):
 
 
 def test_resume_continues_and_equals_an_uninterrupted_run(work):
-    full = full_run(work)
+    # A run extended to more steps continues exactly under a constant rate (a cosine falls to 0 over
+    # each run's own --steps, so its extension is a new schedule).
+    const = ("--lr-schedule", "constant")
+    straight_out = work / "straight"
+    run(work, straight_out, "--steps", "8", "--batch-size", "2", "--name", "straight", *const)
     out = work / "resume"
-    run(work, out, "--steps", "4", "--batch-size", "2", "--name", "part",
+    run(work, out, "--steps", "4", "--batch-size", "2", "--name", "part", *const,
         "--ckpt", CKPT, "--extra-model-paths-config", str(work / "extra_model_paths.yaml"))  # by name
     info = load_refiner(str(out / "part.safetensors")).info
     assert info.train_steps == 4 and info.base_checkpoint == CKPT
     assert info.base_hash == short_hash_of_file(str(work / "ckpts" / CKPT))
     # Starting again without --resume would silently throw the saved run away: refused.
-    refused = run(work, out, "--steps", "8", "--batch-size", "2", "--name", "part", expect=1)
+    refused = run(work, out, "--steps", "8", "--batch-size", "2", "--name", "part", *const, expect=1)
     assert "holds a saved run" in refused and "--resume" in refused
-    log = run(work, out, "--steps", "8", "--batch-size", "2", "--name", "part", "--resume")
+    log = run(work, out, "--steps", "8", "--batch-size", "2", "--name", "part", *const, "--resume")
     assert re.search(r"resuming .*part\.dice-train-state at step 4 of 8", log)
     assert "step 5/8" in log and "step 4/8" not in log
     info = load_refiner(str(out / "part.safetensors")).info
     assert info.train_steps == 8 and info.base_checkpoint == CKPT
-    resumed, straight = refiner_weights(out / "part.safetensors"), refiner_weights(full["path"])
+    resumed, straight = refiner_weights(out / "part.safetensors"), refiner_weights(straight_out / "straight.safetensors")
     worst = max(float((resumed[k] - straight[k]).abs().max()) for k in straight)
     assert worst <= 1e-6, f"resumed weights differ from the uninterrupted run by {worst}"
     assert load_training_state(str(out / "part.dice-train-state")).losses == \
-        load_training_state(str(full["path"].parent / "full.dice-train-state")).losses
+        load_training_state(str(straight_out / "straight.dice-train-state")).losses
 
 
 def test_ctrl_c_stops_after_the_step_and_saves(work):
@@ -204,7 +209,7 @@ def _same_data_single_process(pack, model, clip, steps, batch_per_rank, world, s
                              extra={"prompts": [p for b in parts for p in b.extra["prompts"]]})
 
             config = TrainConfig(guidance_scale=5.0, steps=steps, batch_size=world * batch_per_rank, lr=lr,
-                                 loss="l2", seed=seed, save_every=0)
+                                 loss="l2", seed=seed, save_every=0, lr_schedule="cosine")  # the CLI's default
             return train_refiner(config, sample_batch, host.teacher, host.student, token_dim=768, device="cpu")
         finally:
             host.cleanup()
