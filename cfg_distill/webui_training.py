@@ -115,6 +115,7 @@ class TrainRequest:
     resume: bool = False
     x0_steps: int = X0_STEPS
     used_default_prompts: bool = False
+    lr_schedule: str = "cosine"  # as the node's and the headless trainer's default (README: training defaults)
 
     @classmethod
     def from_ui(cls, prompts, guidance_scale, steps, batch_size, lr, loss, resolution, seed, name, save_every,
@@ -141,7 +142,7 @@ class TrainRequest:
     def config(self, autocast: str | None, family: str) -> TrainConfig:
         return TrainConfig(guidance_scale=self.guidance_scale, steps=self.steps, batch_size=self.batch_size,
                            lr=self.lr, loss=self.loss, seed=self.seed, save_every=self.save_every,
-                           autocast=autocast,
+                           lr_schedule=self.lr_schedule, autocast=autocast,
                            keep_first_token=FAMILIES[family].keep_first_token).validate()
 
 

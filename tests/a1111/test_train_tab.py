@@ -241,6 +241,8 @@ def test_interrupt_saves_what_was_learned_and_resume_continues_exactly(webui, tm
     assert "Interrupted at step 4/6: saved what was learned to run.safetensors" in status, status
     assert read_refiner_info(str(tmp_path / "run.safetensors")).train_steps == 4
     assert load_training_state(str(tmp_path / "run.dice-train-state")).step == 4
+    # the tab trains with the same cosine schedule as the node and the headless trainer (their default)
+    assert load_training_state(str(tmp_path / "run.dice-train-state")).config["lr_schedule"] == "cosine"
     assert state.interrupted is False, "the webui clears the flag after the call"
 
     model.on_apply = None
