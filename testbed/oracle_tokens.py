@@ -4,9 +4,10 @@ A DICE refiner is one small network shared by all prompts, trained on other prom
 is judged on. This script removes both limits: every held-out prompt gets its own free token offsets
 (77 x 768 numbers, start token kept), trained with the refiner's own loss and loop against CFG w=5
 on images of THAT prompt's combination. The held-out prompts are then sampled at cfg 1 with their
-optimised tokens and judged like the bench. It is an upper bound for a token rewrite on this testbed,
-not a method (it needs the answer's images): if it stops short of 90% too, the limit is the one-pass
-token rewrite itself, not the refiner's size, recipe or generalisation.
+optimised tokens and judged like the bench. It is a probe, not a method (it needs the answer's
+images). Meant as an upper bound for a token rewrite, it did not turn out as one: at 2000 x 16 it
+reached 72% of CFG's gain, below the shared refiner's 77-83% (each prompt saw only about 530
+samples); see testbed/RESULTS_dice.md.
 
     python -m testbed.oracle_tokens --prompts 60 --seeds 4 --steps 2000
 """
