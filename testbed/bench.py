@@ -129,6 +129,7 @@ def methods(quick: bool, refiners: dict[str, str], w_keys=()) -> list[dict]:
           dict(name="scaled embeddings x1.2, cfg 1", key="scaled", cfg=1.0, pos="scaled", neg="null")]
     if quick:  # extra refiners: their row without a negative only; CFG 3 / 7: the TeEFusion student's references
         m = [x for x in m if x["key"] in ("cfg1", "cfg3", "cfg5", "cfg7", "cfg5_neg", "dice", "dice_neg")
+             or x["key"].startswith("dice_w")  # the shipped refiner's other w, when it takes w
              or (x["key"].startswith("dice:") and not x["key"].endswith("_neg"))]
     return m
 
@@ -283,7 +284,10 @@ def run(args) -> dict:
 
 def shipped_label(loaded) -> str:
     i = loaded.info
-    parts = [f"w={i.guidance_scale:g} refiner" if i.guidance_scale is not None else "refiner"]
+    if i.w_input:
+        parts = ["refiner for w {:g}-{:g}".format(*i.w_input["range"])]
+    else:
+        parts = [f"w={i.guidance_scale:g} refiner" if i.guidance_scale is not None else "refiner"]
     if i.ranges:
         parts.append(f"{len(i.ranges)} noise ranges")
     if i.negatives:
