@@ -139,7 +139,9 @@ class TrainDiceRefiner(io.ComfyNode):
                 io.Float.Input("w_min", default=0.0, min=0.0, max=30.0, step=0.1, optional=True,
                                tooltip="With w_max: one refiner for every w in [w_min, w_max] (w an input of "
                                        "Apply DICE Refiner), w drawn per sample; guidance_scale must lie inside "
-                                       "(the reference w). 0 and 0: a refiner for guidance_scale only."),
+                                       "(the reference w). The refiner reads c + s (w - w_ref)(c - uc), s set "
+                                       "so the range's farther end moves halfway to the negative (0.25 for 3-7 "
+                                       "around 5). 0 and 0: a refiner for guidance_scale only."),
                 io.Float.Input("w_max", default=0.0, min=0.0, max=30.0, step=0.1, optional=True),
             ],
             outputs=[DiceRefinerType.Output(display_name="refiner"), io.Image.Output(display_name="loss_curve")],
@@ -282,9 +284,13 @@ def run_training(model, clip, prompts, guidance_scale, steps, batch_size, learni
     return LoadedRefiner(refiner, info, os.path.basename(path)), curve
 
 
-# How strongly a w-conditioned refiner's input moves with w: c + W_INPUT_SCALE (w - w_ref)(c - uc).
-# Small, so that at w_ref the input is c and a single-w refiner trained at w_ref is a valid start.
-W_INPUT_SCALE = 0.1
+# How far a w-conditioned refiner's input c + s (w - w_ref)(c - uc) may move towards the negative over the
+# trained range: |s (w - w_ref)| <= W_INPUT_REACH. At 1 the query at the range's end is uc itself and the
+# refiner cannot see the prompt (testbed: s = 0.5 over 3-7 fell to 47% at w = 3); 0.5 is s = 0.25 over
+# 3-7, the best measured (0.1 read too little of w). At w_ref the input is c, so a single-w refiner
+# trained at w_ref is a valid start.
+W_INPUT_REACH = 0.5
+W_INPUT_SCALE: float | None = None  # a fixed s instead (the testbed's --w-input-scale ablation)
 
 
 def w_input_for(w_range, guidance_scale) -> dict | None:
@@ -296,7 +302,10 @@ def w_input_for(w_range, guidance_scale) -> dict | None:
     if not (0 <= lo < hi and lo <= guidance_scale <= hi):
         raise ValueError(f"w range must satisfy 0 <= w_min < w_max with the guidance scale inside it, e.g. 3 to 7 "
                          f"around 5 (got {lo:g} to {hi:g}, guidance scale {guidance_scale:g})")
-    return {"range": [lo, hi], "ref": float(guidance_scale), "scale": W_INPUT_SCALE}
+    scale = W_INPUT_SCALE
+    if scale is None:
+        scale = round(W_INPUT_REACH / max(hi - guidance_scale, guidance_scale - lo), 6)
+    return {"range": [lo, hi], "ref": float(guidance_scale), "scale": scale}
 
 
 def _rank() -> int:

@@ -145,7 +145,7 @@ def test_training_draws_w_and_the_teacher_is_cfg_at_each_samples_w(lib):
         batch = host.sample_batch(0, torch.Generator().manual_seed(3))
         w = batch.extra["w"]
         assert w.shape == (2,) and bool(((w >= 3) & (w <= 7)).all()) and w[0] != w[1]
-        assert torch.allclose(batch.extra["w_amount"], 0.1 * (w - 5.0))
+        assert torch.allclose(batch.extra["w_amount"], 0.25 * (w - 5.0))  # reach 0.5 at 3 and 7
         with torch.no_grad():
             mixed = host.teacher(batch)
             for row in range(2):  # the same as the stock CFG at that row's w
@@ -157,6 +157,9 @@ def test_training_draws_w_and_the_teacher_is_cfg_at_each_samples_w(lib):
         host.cleanup()
     with pytest.raises(ValueError, match="w range must satisfy"):
         tn.w_input_for((6.0, 8.0), 5.0)
+    # The scale follows the range: the farther end moves the query halfway to the negative, never to it.
+    assert tn.w_input_for((2.0, 6.0), 5.0)["scale"] == pytest.approx(0.5 / 3, abs=1e-6)
+    assert tn.w_input_for((4.0, 12.0), 5.0)["scale"] == pytest.approx(0.5 / 7, abs=1e-6)
 
 
 def test_train_and_apply_a_refiner_for_a_range_of_w(lib):
@@ -168,7 +171,7 @@ def test_train_and_apply_a_refiner_for_a_range_of_w(lib):
                                      1e-3, "l2", 64, 64, 0, "w-range", 0, False, x0_steps=2, w_range=(3.0, 7.0),
                                      lr_schedule="cosine")
     saved = load_refiner(str(lib["dir"] / "w-range.safetensors"))
-    assert saved.info.w_input == {"range": [3.0, 7.0], "ref": 5.0, "scale": 0.1}
+    assert saved.info.w_input == {"range": [3.0, 7.0], "ref": 5.0, "scale": 0.25}
     saved.name = "w-range.safetensors"
     pos = nodes.CLIPTextEncode().encode(lib["clip"], "a dog in a park")[0]
     neg = nodes.CLIPTextEncode().encode(lib["clip"], "")[0]
