@@ -76,6 +76,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--w-range", default=None, metavar="MIN,MAX",
                    help="one refiner for every w in MIN..MAX (w an input when applied); --guidance-scale is its "
                         "reference w and must lie inside")
+    p.add_argument("--negative-prompts", default=None, metavar="FILE",
+                   help="text file, one negative prompt per line, to train with (teacher: CFG with that "
+                        "negative) so the refiner works with negative prompts; mix short ones ('blurry', 'red') "
+                        "and full prompts (default: \"\" only)")
+    p.add_argument("--negative-share", type=float, default=0.5,
+                   help="with --negative-prompts: share of samples that get one (default %(default)s)")
     p.add_argument("--lr-schedule", choices=["cosine", "constant"], default="cosine",
                    help="cosine: the learning rate falls to 0 over --steps; constant: the same rate throughout, so "
                         "a run extended with --resume and more --steps continues exactly (default %(default)s)")
@@ -337,6 +343,14 @@ def _run(args, d: Dist, comfy_dir: str, use_cpu: bool) -> int:
             prompts = f.read()
         if not prompts.strip():
             raise SystemExit(f"error: {args.prompts} has no prompts (one per line)")
+    negatives = ""
+    if args.negative_prompts:
+        with open(args.negative_prompts, encoding="utf-8") as f:
+            negatives = f.read()
+        if not negatives.strip():
+            raise SystemExit(f"error: {args.negative_prompts} has no negative prompts (one per line)")
+    if not 0.0 <= args.negative_share <= 1.0:
+        raise SystemExit(f"error: --negative-share must be between 0 and 1 (got {args.negative_share:g})")
     try:
         training.TrainConfig(guidance_scale=args.guidance_scale, steps=args.steps, batch_size=args.batch_size,
                              lr=args.lr, loss=args.loss, seed=args.seed, save_every=args.save_every,
@@ -389,7 +403,8 @@ def _run(args, d: Dist, comfy_dir: str, use_cpu: bool) -> int:
                 args.autocast, base_checkpoint=ckpt_name, should_stop=stop, log_every=args.log_every,
                 on_step=progress, gradient_checkpointing=args.gradient_checkpointing, grad_accum=args.grad_accum,
                 lr_schedule=args.lr_schedule,
-                w_range=tuple(float(v) for v in args.w_range.split(",")) if args.w_range else None)
+                w_range=tuple(float(v) for v in args.w_range.split(",")) if args.w_range else None,
+                negative_prompts=negatives, negative_share=args.negative_share if negatives else 0.0)
     except comfy.model_management.InterruptProcessingException:
         if d.rank == 0:
             log.warning("cancelled while preparing the training latents: nothing was trained or saved")

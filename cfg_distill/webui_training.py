@@ -50,6 +50,7 @@ DEFAULT_LOSS = "l2"
 DEFAULT_RESOLUTION = 512
 DEFAULT_SAVE_EVERY = 200
 DEFAULT_NAME = "my_dice_refiner"
+DEFAULT_NEGATIVE_SHARE = 0.5  # of samples trained with a negative, when negatives are given (testbed: 0.5)
 X0_STEPS = 8  # Euler CFG steps per training latent when no images are given
 STATE_SUFFIX = ".dice-train-state"  # not .safetensors: never offered as a refiner in the dropdown
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._ -]{0,120}$")
@@ -116,10 +117,14 @@ class TrainRequest:
     x0_steps: int = X0_STEPS
     used_default_prompts: bool = False
     lr_schedule: str = "cosine"  # as the node's and the headless trainer's default (README: training defaults)
+    # Negatives to train with (the teacher: CFG with that negative), so the refiner works with a
+    # negative prompt; empty: "" only, as before.
+    negative_prompts: list[str] = field(default_factory=list)
+    negative_share: float = DEFAULT_NEGATIVE_SHARE
 
     @classmethod
     def from_ui(cls, prompts, guidance_scale, steps, batch_size, lr, loss, resolution, seed, name, save_every,
-                resume) -> "TrainRequest":
+                resume, negative_prompts="", negative_share=DEFAULT_NEGATIVE_SHARE) -> "TrainRequest":
         w = _number(guidance_scale, "guidance scale")
         if not 1.0 <= w <= 30.0:
             raise TrainTabError(f"guidance scale must be between 1 and 30 (the paper uses 5), got {w:g}")
@@ -133,11 +138,17 @@ class TrainRequest:
         if res % 8 or res > 4096:
             raise TrainTabError(f"resolution must be a multiple of 8 between 64 and 4096 (got {res})")
         texts = parse_prompts(prompts)
+        share = _number(negative_share, "negative share")
+        if not 0.0 <= share <= 1.0:
+            raise TrainTabError(f"negative share must be between 0 and 1, e.g. 0.5 (got {share:g})")
+        negatives = [line.strip() for line in str(negative_prompts or "").splitlines()]
+        negatives = [line for line in negatives if line and not line.startswith("#")]
         return cls(prompts=texts, guidance_scale=w, steps=_integer(steps, "steps", 1),
                    batch_size=_integer(batch_size, "batch size", 1), lr=lr_value, loss=loss, resolution=res,
                    seed=_integer(seed, "seed", 0), name=refiner_file_name(name),
                    save_every=_integer(save_every, "save every", 0), resume=bool(resume),
-                   used_default_prompts=not str(prompts or "").strip())
+                   used_default_prompts=not str(prompts or "").strip(), negative_prompts=negatives,
+                   negative_share=share if negatives else 0.0)
 
     def config(self, autocast: str | None, family: str) -> TrainConfig:
         return TrainConfig(guidance_scale=self.guidance_scale, steps=self.steps, batch_size=self.batch_size,
@@ -390,11 +401,16 @@ class WebuiDistillHost:
     """Training latents, encodings and the three callables of train_refiner for one webui model."""
 
     def __init__(self, model: WebuiModel, prompts: Sequence[Encoded], null: Encoded, guidance_scale: float,
-                 batch_size: int):
+                 batch_size: int, negatives: Sequence[Encoded] = (), negative_share: float = 0.0):
         if not prompts:
             raise TrainTabError("no prompts to train on")
+        if negative_share and not negatives:
+            raise TrainTabError("a negative share > 0 needs negative prompts to draw from")
         self.model, self.denoiser = model, model.denoiser
         self.prompts, self.null, self.w, self.batch_size = list(prompts), null, guidance_scale, batch_size
+        # With probability negative_share a sample's second input is a negative prompt (drawn
+        # uniformly) instead of "", and the teacher is CFG with that negative.
+        self.negatives, self.negative_share = list(negatives), float(negative_share)
         self.device = self.denoiser.device
         self.x0: list[torch.Tensor] = []  # [1, C, h, w] each, on the CPU; x0[i] belongs to prompt i
 
@@ -431,12 +447,20 @@ class WebuiDistillHost:
         sigma = self.denoiser.sigmas[t].view(-1, 1, 1, 1)
         x_t = x0 + sigma * noise
         tokens, vector = stack_tokens([self.prompts[i] for i in idx])
+        extra = {"vector": vector}
+        uc = self.null.tokens
+        if self.negative_share > 0:  # drawn after the noise: runs without negatives keep their random stream
+            pick = torch.rand(self.batch_size, generator=g) < self.negative_share
+            which = torch.randint(len(self.negatives), (self.batch_size,), generator=g).tolist()
+            uc, uc_vector = stack_tokens([self.negatives[j] if p else self.null
+                                          for p, j in zip(pick.tolist(), which)])
+            extra["uc"] = Encoded(uc.to(self.device), None if uc_vector is None else uc_vector.to(self.device))
         return Batch(x_t=x_t.to(self.device), sigma=t.to(self.device), c=tokens.to(self.device),
-                     uc=self.null.tokens.to(self.device), extra={"vector": vector})
+                     uc=uc.to(self.device), extra=extra)
 
     def teacher(self, batch: Batch) -> torch.Tensor:
-        return cfg_eps(self.denoiser, batch.x_t, batch.sigma, batch.c, batch.extra["vector"], self.null, self.w,
-                       self.model.host_autocast)
+        return cfg_eps(self.denoiser, batch.x_t, batch.sigma, batch.c, batch.extra["vector"],
+                       batch.extra.get("uc", self.null), self.w, self.model.host_autocast)
 
     def student(self, batch: Batch, refined_c: torch.Tensor) -> torch.Tensor:
         with self.model.host_autocast():
@@ -543,11 +567,14 @@ def train_in_webui(request: TrainRequest, model: WebuiModel, *, folder: str,
             except ValueError as e:
                 raise TrainTabError(str(e)) from None
             prompts = encode_prompts(model, request.prompts)
+            negatives = encode_prompts(model, request.negative_prompts)
+            trained_with_negatives = bool(negatives) and request.negative_share > 0
             token_dim = null.tokens.shape[-1]
             if model.load is not None:
                 model.load()
             with frozen(*model.freeze), torch.enable_grad():
-                host = WebuiDistillHost(model, prompts, null, request.guidance_scale, request.batch_size)
+                host = WebuiDistillHost(model, prompts, null, request.guidance_scale, request.batch_size,
+                                        negatives, request.negative_share if negatives else 0.0)
                 if not _latents(host, model, request, should_stop, status):
                     return TrainOutcome(False, "Interrupted while making the training latents: nothing was "
                                                "trained or saved.", cancelled=True, total=request.steps,
@@ -555,7 +582,8 @@ def train_in_webui(request: TrainRequest, model: WebuiModel, *, folder: str,
                 status(f"Training: step {resumed_at or 0}/{request.steps}")
                 info = RefinerInfo(token_dim, config.inner_dim, config.heads, base_family=family,
                                    base_checkpoint=base_checkpoint, base_hash=base_hash,
-                                   guidance_scale=request.guidance_scale, keep_first_token=config.keep_first_token)
+                                   guidance_scale=request.guidance_scale, keep_first_token=config.keep_first_token,
+                                   negatives=trained_with_negatives)
                 started = time.monotonic()
                 result = train_refiner(config, host.sample_batch, host.teacher, host.student, token_dim=token_dim,
                                        device=host.device, state_path=state_path, resume=request.resume,
@@ -570,7 +598,7 @@ def train_in_webui(request: TrainRequest, model: WebuiModel, *, folder: str,
         return TrainOutcome(False, f"{e} The refiner file was not changed.", total=request.steps)
     refiner = result.refiner.cpu().eval().requires_grad_(False)
     save_refiner(path, refiner, result.info(base_family=family, base_checkpoint=base_checkpoint,
-                                            base_hash=base_hash))
+                                            base_hash=base_hash, negatives=trained_with_negatives))
     message = _summary(request, result, path, state_path, time.monotonic() - started, resumed_at, had_state)
     if gap is not None:
         message += (f"\nHeld-out gap to CFG w={request.guidance_scale:g} on {len(eval_prompts)} prompts: refined "

@@ -145,15 +145,16 @@ def _html(text: str, error: bool = False) -> str:
 
 
 def train_from_tab(prompts, guidance_scale, steps, batch_size, lr, loss, resolution, seed, name, save_every,
-                   resume):
+                   resume, negative_prompts="", negative_share=wt.DEFAULT_NEGATIVE_SHARE):
     """The Train button (runs inside wrap_gradio_gpu_call): returns (loss image, status HTML)."""
     outcome = run_training(prompts, guidance_scale, steps, batch_size, lr, loss, resolution, seed, name,
-                           save_every, resume)
+                           save_every, resume, negative_prompts=negative_prompts, negative_share=negative_share)
     return outcome.image(), _html(outcome.message, error=not outcome.ok)
 
 
 def run_training(prompts, guidance_scale, steps, batch_size, lr, loss, resolution, seed, name, save_every,
-                 resume, eval_prompts=None) -> wt.TrainOutcome:
+                 resume, eval_prompts=None, negative_prompts="",
+                 negative_share=wt.DEFAULT_NEGATIVE_SHARE) -> wt.TrainOutcome:
     """One training run on the loaded checkpoint (the caller holds the queue lock)."""
     state = shared.state
     PROGRESS.reset()
@@ -162,8 +163,8 @@ def run_training(prompts, guidance_scale, steps, batch_size, lr, loss, resolutio
     state.textinfo = "Preparing DICE training..."
     try:
         request = wt.TrainRequest.from_ui(prompts, guidance_scale, steps, batch_size, lr, loss, resolution, seed,
-                                          name, save_every, resume)
-        model = shared.sd_model
+                                          name, save_every, resume, negative_prompts, negative_share)
+        model = _loaded_model()
         if model is None:
             raise wt.TrainTabError("no checkpoint is loaded: pick one at the top of the page first")
         checkpoint, short_hash = _checkpoint(model)
@@ -182,7 +183,8 @@ def run_training(prompts, guidance_scale, steps, batch_size, lr, loss, resolutio
         on_status(wt.progress_text(step, total, loss_value, eta))
 
     print(f"[cfg-distill] training DICE refiner {request.name!r}: {request.steps} steps, batch "
-          f"{request.batch_size}, w {request.guidance_scale:g}, {len(request.prompts)} prompts")
+          f"{request.batch_size}, w {request.guidance_scale:g}, {len(request.prompts)} prompts, "
+          f"{len(request.negative_prompts)} negatives")
     outcome = wt.train_in_webui(request, host_model, folder=refiner_folder(),
                                 should_stop=lambda: bool(state.interrupted), on_step=on_step, on_status=on_status,
                                 base_checkpoint=checkpoint, base_hash=short_hash, eval_prompts=eval_prompts)
@@ -190,6 +192,20 @@ def run_training(prompts, guidance_scale, steps, batch_size, lr, loss, resolutio
     on_status(outcome.message)
     print(f"[cfg-distill] {outcome.message}")
     return outcome
+
+
+def _loaded_model():
+    """The selected checkpoint, loaded. Forge loads it lazily at the first generation, so a Train
+    click before any image would see a placeholder; Forge's own tools (the checkpoint merger) call
+    sd_models.forge_model_reload() first, and so does this. A1111 has no such step."""
+    try:
+        from modules import sd_models
+    except ImportError:  # a host without the module has nothing to reload
+        sd_models = None
+    reload = getattr(sd_models, "forge_model_reload", None)
+    if reload is not None:
+        reload()
+    return shared.sd_model
 
 
 def show_progress():
@@ -224,6 +240,14 @@ def on_ui_tabs():
                 prompts = gr.Textbox(label="Prompts (one per line)", lines=8, elem_id=f"{TAB_ID}_prompts",
                                      placeholder=f"Empty: the bundled list of {n_default} varied prompts")
                 with gr.Row():
+                    negative_prompts = gr.Textbox(
+                        label="Negative prompts to train with (one per line; mix short ones such as 'blurry' "
+                              "and full prompts)", lines=3, elem_id=f"{TAB_ID}_negatives",
+                        placeholder='Empty: trained with "" only; use the refiner without a negative prompt')
+                    negative_share = gr.Slider(0.0, 1.0, step=0.05, value=wt.DEFAULT_NEGATIVE_SHARE,
+                                               label="Share of samples with a negative",
+                                               elem_id=f"{TAB_ID}_negative_share")
+                with gr.Row():
                     name = gr.Textbox(label="Refiner name", value=wt.DEFAULT_NAME, elem_id=f"{TAB_ID}_name")
                     resume = gr.Checkbox(label="Resume the saved run of this name", value=False,
                                          elem_id=f"{TAB_ID}_resume")
@@ -253,7 +277,8 @@ def on_ui_tabs():
                 plot = gr.Image(label="Loss", type="numpy", interactive=False, elem_id=f"{TAB_ID}_plot")
                 status = gr.HTML(f"<p>Refiners are saved to {html.escape(refiner_folder())}</p>",
                                  elem_id=f"{TAB_ID}_status")
-        inputs = [prompts, guidance, steps, batch_size, lr, loss, resolution, seed, name, save_every, resume]
+        inputs = [prompts, guidance, steps, batch_size, lr, loss, resolution, seed, name, save_every, resume,
+                  negative_prompts, negative_share]
         train.click(train_click, inputs=inputs, outputs=[plot, status])
         stop.click(interrupt, inputs=[], outputs=[])
         check.click(show_progress, inputs=[], outputs=[plot, status])
@@ -266,7 +291,8 @@ def on_ui_tabs():
 _API_FIELDS = {"prompts": "", "guidance_scale": wt.DEFAULT_GUIDANCE, "steps": wt.DEFAULT_STEPS,
                "batch_size": wt.DEFAULT_BATCH, "lr": wt.DEFAULT_LR, "loss": wt.DEFAULT_LOSS,
                "resolution": wt.DEFAULT_RESOLUTION, "seed": 0, "name": wt.DEFAULT_NAME,
-               "save_every": wt.DEFAULT_SAVE_EVERY, "resume": False}
+               "save_every": wt.DEFAULT_SAVE_EVERY, "resume": False, "negative_prompts": "",
+               "negative_share": wt.DEFAULT_NEGATIVE_SHARE}
 
 
 def train_api(body: dict) -> dict:
@@ -277,8 +303,9 @@ def train_api(body: dict) -> dict:
         raise ValueError(f"unknown field(s) {', '.join(sorted(unknown))}; expected {', '.join(_API_FIELDS)}, "
                          f"eval_prompts")
     values = {k: body.get(k, default) for k, default in _API_FIELDS.items()}
-    if isinstance(values["prompts"], list):
-        values["prompts"] = "\n".join(map(str, values["prompts"]))
+    for key in ("prompts", "negative_prompts"):
+        if isinstance(values[key], list):
+            values[key] = "\n".join(map(str, values[key]))
     eval_prompts = [str(x) for x in body.get("eval_prompts") or []]
     with call_queue.queue_lock:
         shared.state.begin(job=JOB)

@@ -109,6 +109,14 @@ def test_resume_continues_and_matches_uninterrupted(server, comfy_base):
     wr = server.run(_graph(refiner_name="w-range", steps=2, w_min=3.0, w_max=7.0))
     assert succeeded(wr), execution_error(wr)
     assert load_refiner(str(folder / "w-range.safetensors")).info.w_input["range"] == [3.0, 7.0]
+    assert not load_refiner(str(folder / "w-range.safetensors")).info.negatives
+
+    # negative_prompts: trained with them (the default share 0.5 left out, as an API prompt may), recorded
+    # in the file so that the Apply node and `info` say the refiner supports negatives.
+    neg_graph = _graph(refiner_name="with-negs", steps=2, negative_prompts="blurry\nred\na blue car at night")
+    neg = server.run(neg_graph)
+    assert succeeded(neg), execution_error(neg)
+    assert load_refiner(str(folder / "with-negs.safetensors")).info.negatives
     bad = server.run(_graph(refiner_name="w-bad", steps=2, w_min=6.0, w_max=8.0))
     assert not succeeded(bad) and "w range must satisfy" in execution_error(bad)["exception_message"]
 

@@ -103,6 +103,19 @@ def test_trains_and_writes_the_node_s_file_with_metadata(work):
     assert state.step == 8 and len(state.losses) == 8 and all(np.isfinite(state.losses))
 
 
+def test_negative_prompts_file_trains_a_refiner_that_supports_negatives(work):
+    assert not load_refiner(str(full_run(work)["path"])).info.negatives  # "" only by default
+    (work / "negatives.txt").write_text("blurry\nred\n\na blue car at night\n", encoding="utf-8")
+    out = work / "negs"
+    run(work, out, "--steps", "2", "--batch-size", "2", "--name", "negs",
+        "--negative-prompts", str(work / "negatives.txt"))
+    assert load_refiner(str(out / "negs.safetensors")).info.negatives
+    (work / "empty.txt").write_text("\n", encoding="utf-8")
+    text = run(work, work / "bad", "--steps", "2", "--name", "bad", "--negative-prompts", str(work / "empty.txt"),
+               expect=1)
+    assert "has no negative prompts (one per line)" in text
+
+
 def test_resume_continues_and_equals_an_uninterrupted_run(work):
     # A run extended to more steps continues exactly under a constant rate (a cosine falls to 0 over
     # each run's own --steps, so its extension is a new schedule).

@@ -217,6 +217,40 @@ def test_teacher_uses_the_real_empty_encoding_and_passes_the_vector_unchanged():
     assert torch.equal(s_tokens, refined)
 
 
+def test_negatives_reach_the_teacher_with_their_own_vector():
+    """Training with negatives: a sample's second input is a negative's encoding (tokens and, for SDXL,
+    its own pooled vector) and the teacher is CFG with exactly that negative."""
+    model = A1111Model(sdxl=True)
+    calls = []
+
+    class Spy:
+        sigmas, device = wt.A1111Denoiser(model, "cpu").sigmas, torch.device("cpu")
+
+        def eps(self, x, t, tokens, vector):
+            calls.append((tokens.clone(), vector.clone()))
+            return torch.zeros_like(x)
+
+    wm = wt.WebuiModel(denoiser=Spy(), encode=model.get_learned_conditioning, freeze=[model])
+    null = wt.split_cond(model.get_learned_conditioning([""]), "cpu")[0]
+    prompts = wt.encode_prompts(wm, ["a red fox", "a blue car"])
+    negatives = wt.encode_prompts(wm, ["blurry", "a green tree at night"])
+    host = wt.WebuiDistillHost(wm, prompts, null, 5.0, 8, negatives, 1.0)
+    host.x0 = [torch.zeros(1, 4, 8, 8), torch.zeros(1, 4, 8, 8)]
+    batch = host.sample_batch(0, torch.Generator().manual_seed(0))
+    host.teacher(batch)
+    tokens, vector = calls[0]
+    assert torch.equal(tokens[8:], batch.uc)
+    used = set()
+    for row in range(8):
+        match = [k for k, n in enumerate(negatives)
+                 if torch.equal(tokens[8 + row], n.tokens[0]) and torch.equal(vector[8 + row], n.vector[0])]
+        assert match, row  # every uncond row is one of the negatives (share 1), with its own vector
+        used.update(match)
+    assert used == {0, 1}
+    with pytest.raises(wt.TrainTabError, match="needs negative prompts"):
+        wt.WebuiDistillHost(wm, prompts, null, 5.0, 2, (), 0.5)
+
+
 def test_family_comes_from_the_conditioning():
     assert wt.family_of_cond(torch.zeros(1, 77, 768)) == "sd15"
     assert wt.family_of_cond(torch.zeros(1, 77, 1024)) == "sd2"
@@ -272,6 +306,28 @@ def test_interrupt_while_making_latents_saves_nothing(webui, tmp_path):
     assert not os.listdir(tmp_path)
 
 
+def test_a_lazily_loaded_forge_checkpoint_is_loaded_before_training(webui, tmp_path, monkeypatch):
+    """Forge loads the selected checkpoint at the first generation; a Train click before any image
+    must load it (as Forge's own checkpoint merger does), not train on the placeholder."""
+    import sys
+    import types
+
+    model = ForgeModel()
+    env = webui("forge", model)
+    env.shared.sd_model = None  # nothing generated yet
+    reloads = []
+
+    def forge_model_reload():
+        reloads.append(1)
+        env.shared.sd_model = model
+        return model, True
+
+    monkeypatch.setitem(sys.modules, "modules.sd_models", types.SimpleNamespace(forge_model_reload=forge_model_reload))
+    _, status = click(env, steps=2, batch=2, prompts=TRAIN[:2])
+    assert reloads == [1] and "class='error'" not in status, status
+    assert os.path.isfile(tmp_path / "ref.safetensors")
+
+
 def test_resume_refuses_another_guidance_scale_or_checkpoint(webui, tmp_path):
     model = A1111Model(shorthash="aaaaaaaaaa")
     env = webui("a1111", model)
@@ -317,6 +373,11 @@ def test_empty_prompt_box_uses_the_bundled_list():
     assert request.name == "x" and request.used_default_prompts
     request = wt.TrainRequest.from_ui("# comment\na cat\n\na dog ", 5, 10.0, 2, 2e-4, "l1", 512, 0, "x", 0, False)
     assert request.prompts == ["a cat", "a dog"] and request.steps == 10
+    assert request.negative_prompts == [] and request.negative_share == 0.0  # "" only unless negatives are given
+    request = wt.TrainRequest.from_ui("a cat", 5, 10, 2, 2e-4, "l1", 512, 0, "x", 0, False, "blurry\n# no\n\nred ", 0.3)
+    assert request.negative_prompts == ["blurry", "red"] and request.negative_share == 0.3
+    with pytest.raises(wt.TrainTabError, match="negative share must be between 0 and 1"):
+        wt.TrainRequest.from_ui("a cat", 5, 10, 2, 2e-4, "l1", 512, 0, "x", 0, False, "red", 1.5)
 
 
 def test_an_unexpected_error_shows_the_webuis_error_box_and_restores_the_model(webui, tmp_path):

@@ -37,6 +37,19 @@ def test_training_lowers_the_held_out_gap_and_leaves_the_model_alone(webui):
     assert calls["rows"] == [1] * 4 and f"DICE refiner: trained_{webui.name}" in out["info_dict"]["infotexts"][0]
 
 
+def test_training_with_negative_prompts_records_that_the_refiner_supports_them(webui):
+    from cfg_distill import read_refiner_info
+
+    r = webui.post("/cfg-distill/train", {
+        "prompts": TRAIN[:2], "negative_prompts": ["blurry", "a red circle on a blue background"],
+        "negative_share": 0.5, "steps": 4, "batch_size": 2, "resolution": 64, "seed": 0,
+        "name": f"negs_{webui.name}", "save_every": 0}).json()
+    assert r["ok"], r["message"]
+    assert read_refiner_info(r["path"]).negatives
+    out, calls = webui.generate("DICE", refiner=f"negs_{webui.name}.safetensors", negative_prompt="blurry")
+    assert calls["rows"] == [1] * 4
+
+
 def test_training_route_refuses_bad_fields(webui):
     r = webui.post("/cfg-distill/train", {"steps": 5, "colour": "red"}, ok=False)
     assert r.status_code == 400 and "colour" in r.text
