@@ -112,6 +112,9 @@ def main(argv=None) -> int:
                          "K-range refiner (see testbed.combine_ranges)")
     ap.add_argument("--negative-share", type=float, default=0.0,
                     help="share of samples whose second input is a negative prompt (teacher: CFG with it)")
+    ap.add_argument("--full-negatives", type=int, default=200,
+                    help="full prompts among the negatives (the other 27 are single attribute values: fewer full "
+                         "prompts make short negatives such as 'red' a larger share)")
     ap.add_argument("--open-captions", type=float, default=0.0,
                     help="share of captions that leave the shape colour or the background open")
     ap.add_argument("--init", default=None, help="start from this (single) refiner file instead of zero output")
@@ -160,7 +163,7 @@ def main(argv=None) -> int:
         model, clip, "\n".join(prompts), args.guidance_scale, args.steps, args.batch_size, args.lr, args.loss,
         data.SIZE, data.SIZE, args.seed, name, 100, args.resume, images=images, vae=vae,
         base_checkpoint=os.path.basename(ckpt), should_stop=lambda: False, on_step=on_step,
-        percent_range=percent_range, negative_prompts="\n".join(training_negatives(args.seed + 23)),
+        percent_range=percent_range, negative_prompts="\n".join(training_negatives(args.seed + 23, args.full_negatives)),
         negative_share=args.negative_share,
         init=_initial_refiner(pack, args, clip),
         lr_schedule=args.lr_schedule,
@@ -179,7 +182,7 @@ def main(argv=None) -> int:
                                                guidance_scale=args.guidance_scale,
                                                percent_range=list(percent_range),
                                                negative_share=args.negative_share,
-                                               open_captions=args.open_captions,
+                                               open_captions=args.open_captions, full_negatives=args.full_negatives,
                                                init=os.path.basename(args.init) if args.init else None,
                                                lr_schedule=args.lr_schedule, seed=args.seed,
                                                inner_dim=args.inner_dim, w_input_scale=args.w_input_scale,
