@@ -43,6 +43,20 @@ def trainable_clone(model):
 
 
 @dataclass
+class TrajectoryPoints:
+    """Training points where the sampler evaluates the model, besides forward-noised data: the states
+    x_t of sampling runs (the CFG teacher's, and the student's own with a refiner at cfg 1), at the
+    sigmas of the sampler's schedule. Forward noising puts x_t off the paths a guided sampler takes;
+    these put a share of the batch on them."""
+    share: float  # share of a batch's samples drawn from the trajectories
+    count: int = 64  # trajectories (prompts of the training data, drawn at random)
+    steps: int = 20
+    sampler: str = "dpmpp_2m"
+    scheduler: str = "karras"
+    student: object = None  # a LoadedRefiner: half the trajectories are its own at cfg 1 (else all CFG)
+
+
+@dataclass
 class EncodedPrompt:
     tokens: torch.Tensor  # [1, T, D], a normal (not inference) tensor
     extras: dict  # pooled_output and anything else the text encoder returned
@@ -97,7 +111,7 @@ class ComfyDistillHost:
                  batch_size: int, gradient_checkpointing: bool = False,
                  percent_range: tuple[float, float] = (0.0, 1.0),
                  negatives: list[EncodedPrompt] | None = None, negative_share: float = 0.0,
-                 w_input: dict | None = None):
+                 w_input: dict | None = None, trajectories: TrajectoryPoints | None = None):
         start, end = percent_range
         if not 0.0 <= start < end <= 1.0:
             raise ValueError(f"percent_range must satisfy 0 <= start < end <= 1 (got {percent_range!r})")
@@ -129,6 +143,10 @@ class ComfyDistillHost:
         # applies RoPE with kernels that have no backward; see cfg_distill/autograd_safe.py.
         self.autograd_safe = not self.tile_prompts
         self.x0_prompt: list[int] = []  # which prompt each x0 belongs to
+        if trajectories is not None and not 0.0 <= trajectories.share <= 1.0:
+            raise ValueError(f"the trajectory share must be in [0, 1] (got {trajectories.share!r})")
+        self.trajectories = trajectories
+        self.traj: list[tuple[torch.Tensor, float, int]] = []  # (x_t [1, ...], sigma, prompt index)
 
     # -- set-up -----------------------------------------------------------------------------------
     def load(self) -> None:
@@ -162,6 +180,53 @@ class ComfyDistillHost:
         self.x0.append(self.mp.model.process_latent_in(x0.float()).cpu())
         self.x0_prompt.append(prompt_index)
 
+    def add_trajectory_points(self, latent_hw: tuple[int, int], seed: int) -> None:
+        """Sample self.trajectories.count trajectories (batches of batch_size) and keep every state the
+        sampler evaluates inside percent_range. Call after the x0 pool is filled (its prompts are used)."""
+        spec = self.trajectories
+        if spec is None or spec.share == 0:
+            return
+        from ..cfg_distill.apply import refine_tokens
+
+        g = torch.Generator().manual_seed(seed)
+        h, w = latent_hw
+        fmt = self.mp.model.latent_format
+        frames = (1,) * (getattr(fmt, "latent_dimensions", 2) - 2)
+        ks = comfy.samplers.KSampler(self.mp, steps=spec.steps, device=self.device, sampler=spec.sampler,
+                                     scheduler=spec.scheduler, denoise=1.0, model_options=self.mp.model_options)
+        sigmas = ks.sigmas.tolist()
+        hi = float(self.ms.percent_to_sigma(self.percent_range[0]))
+        lo = float(self.ms.percent_to_sigma(self.percent_range[1]))
+        neg = [[self.null.tokens, dict(self.null.extras)]]
+        done = 0
+        while done < spec.count:
+            n = min(self.batch_size, spec.count - done)
+            pick = torch.randint(len(self.x0_prompt), (n,), generator=g).tolist()
+            index = [self.x0_prompt[i] for i in pick]
+            if not self.tile_prompts:
+                index = [index[0]] * n  # DiTs: one prompt shape per batch
+            prompts = [self.prompts[i] for i in index]
+            tokens = batch_tokens(prompts)
+            as_student = spec.student is not None and (done // self.batch_size) % 2 == 1
+            cfg = self.w
+            if as_student:
+                ref = self.w_input["ref"] if self.w_input else self.w
+                tokens = refine_tokens(spec.student, tokens, self.null.tokens, w=ref)
+                cfg = 1.0
+            latent = torch.zeros(n, fmt.latent_channels, *frames, h, w)
+            noise = torch.randn(latent.shape, generator=g)
+            states = []
+            with torch.no_grad():
+                ks.sample(noise, _stack_conditioning(tokens, prompts), neg, cfg=cfg, latent_image=latent,
+                          callback=lambda i, _x0, x, _n: states.append((i, x.detach().float().cpu())),
+                          disable_pbar=True, seed=seed + done)
+            for i, x in states:
+                if lo <= sigmas[i] <= hi and sigmas[i] > 0:
+                    self.traj += [(x[j:j + 1], float(sigmas[i]), index[j]) for j in range(n)]
+            done += n
+        if not self.traj:
+            raise ValueError("no sampling step falls inside the percent range: widen it or use more steps")
+
     # -- the three callables of the core loop ------------------------------------------------------
     def sample_batch(self, step: int, g: torch.Generator) -> Batch:
         idx = torch.randint(len(self.x0), (self.batch_size,), generator=g).tolist()
@@ -191,6 +256,14 @@ class ComfyDistillHost:
             w = torch.rand(self.batch_size, generator=g) * (hi - lo) + lo
             extra["w"] = w.to(self.device)
             extra["w_amount"] = (self.w_input["scale"] * (w - self.w_input["ref"])).to(self.device)
+        if self.traj and self.trajectories.share > 0:  # drawn last too; replaces whole samples
+            pick = (torch.rand(self.batch_size, generator=g) < self.trajectories.share).tolist()
+            which = torch.randint(len(self.traj), (self.batch_size,), generator=g).tolist()
+            x_t, sigma = x_t.clone(), sigma.clone()
+            for i in range(self.batch_size):
+                state, s, p = self.traj[which[i]]
+                if pick[i] and (self.tile_prompts or _signature(self.prompts[p]) == _signature(prompts[i])):
+                    x_t[i:i + 1], sigma[i], prompts[i] = state, s, self.prompts[p]
         return Batch(x_t=x_t.to(self.device), sigma=sigma.to(self.device), c=batch_tokens(prompts).to(self.device),
                      uc=uc.to(self.device), extra=extra)
 

@@ -215,7 +215,8 @@ def run_training(model, clip, prompts, guidance_scale, steps, batch_size, learni
                  seed, refiner_name, save_every, resume, x0_steps=8, autocast="none", images=None, vae=None,
                  captions="", node_id=None, base_checkpoint="", should_stop=None, log_every=0, on_step=None,
                  gradient_checkpointing=False, percent_range=(0.0, 1.0), negative_prompts="",
-                 negative_share=0.0, init=None, grad_accum=1, lr_schedule="constant", w_range=None):
+                 negative_share=0.0, init=None, grad_accum=1, lr_schedule="constant", w_range=None,
+                 trajectories=None):
     """The node's work, callable from the headless trainer too. Returns (LoadedRefiner, loss image).
 
     Headless use: should_stop() replaces ComfyUI's interrupt flag (polled before every step and while
@@ -248,11 +249,14 @@ def run_training(model, clip, prompts, guidance_scale, steps, batch_size, learni
         w_input = w_input_for(w_range, guidance_scale)
         host = ComfyDistillHost(model, encoded, null, guidance_scale, batch_size, gradient_checkpointing,
                                 percent_range=percent_range, negatives=encode_prompts(clip, negs) if negs else None,
-                                negative_share=negative_share, w_input=w_input)
+                                negative_share=negative_share, w_input=w_input, trajectories=trajectories)
         host.load()
         try:
             _fill_x0_pool(host, texts, encoded, clip, images, vae, captions,
                           (height // 8, width // 8), x0_steps, seed, node_id, should_stop=should_stop)
+            if trajectories is not None and trajectories.share > 0:
+                _progress_text(f"sampling {trajectories.count} training trajectories", node_id)
+                host.add_trajectory_points((height // 8, width // 8), seed + 7919)
             info_fields = dict(base_family=family, base_checkpoint=base_checkpoint,
                                base_hash=_checkpoint_hash(base_checkpoint),
                                negatives=bool(negs) and negative_share > 0, w_input=w_input)

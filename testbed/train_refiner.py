@@ -126,6 +126,15 @@ def main(argv=None) -> int:
     ap.add_argument("--w-input-scale", type=float, default=None,
                     help="with --w-range: how strongly the refiner's input moves with w, c + s (w - w_ref)(c - uc) "
                          "(default: the node's)")
+    ap.add_argument("--trajectory-share", type=float, default=0.0,
+                    help="share of each batch drawn from sampling trajectories (the bench's sampler, 20 steps) "
+                         "instead of forward-noised images")
+    ap.add_argument("--trajectories", type=int, default=256, help="how many trajectories to sample for that")
+    ap.add_argument("--trajectory-schedule", default=None, metavar="SAMPLER/SCHEDULER/STEPS",
+                    help="sample the trajectories with this instead of the bench's (e.g. euler/normal/25: steps "
+                         "evenly spread over the noise levels, as forward noising draws them)")
+    ap.add_argument("--trajectory-student", action="store_true",
+                    help="half of those trajectories are the --init refiner's own at cfg 1 (else all are CFG's)")
     args = ap.parse_args(argv)
     percent_range = tuple(float(v) for v in args.percent_range.split(","))
     torch.set_num_threads(int(os.environ.get("TESTBED_THREADS", "2")))
@@ -167,7 +176,8 @@ def main(argv=None) -> int:
         negative_share=args.negative_share,
         init=_initial_refiner(pack, args, clip),
         lr_schedule=args.lr_schedule,
-        w_range=tuple(float(v) for v in args.w_range.split(",")) if args.w_range else None)
+        w_range=tuple(float(v) for v in args.w_range.split(",")) if args.w_range else None,
+        trajectories=_trajectories(pack, args))
     seconds = time.monotonic() - started
     src = os.path.join(args.work, f"{name}.safetensors")
     # Commit as float16 (half the size); the loader computes in float32 either way.
@@ -186,13 +196,32 @@ def main(argv=None) -> int:
                                                init=os.path.basename(args.init) if args.init else None,
                                                lr_schedule=args.lr_schedule, seed=args.seed,
                                                inner_dim=args.inner_dim, w_input_scale=args.w_input_scale,
-                                               w_range=args.w_range))
+                                               w_range=args.w_range, trajectory_share=args.trajectory_share,
+                                               trajectories=args.trajectories,
+                                               trajectory_schedule=args.trajectory_schedule,
+                                               trajectory_student=args.trajectory_student))
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     save_file(tensors, args.out + ".tmp", metadata=meta)
     os.replace(args.out + ".tmp", args.out)
     print(f"refiner trained in {seconds:.0f}s ({loaded.info.summary()}); saved {args.out}")
     np.save(os.path.join(args.work, "losses.npy"), np.array(_losses_of(src)))
     return 0
+
+
+def _trajectories(pack, args):
+    if not args.trajectory_share:
+        return None
+    from testbed.bench import SAMPLER, SCHEDULER
+
+    host = sys.modules[pack.__name__ + ".nodes.comfy_training"]
+    student = None
+    if args.trajectory_student:
+        if not args.init:
+            raise SystemExit("--trajectory-student samples with the --init refiner: give --init")
+        student = sys.modules[pack.__name__ + ".cfg_distill"].load_refiner(args.init)
+    sampler, scheduler, steps = (args.trajectory_schedule or f"{SAMPLER}/{SCHEDULER}/20").split("/")
+    return host.TrajectoryPoints(share=args.trajectory_share, count=args.trajectories, steps=int(steps),
+                                 sampler=sampler, scheduler=scheduler, student=student)
 
 
 def _initial_refiner(pack, args, clip):
