@@ -102,5 +102,5 @@ def refine_ranges(loaded: LoadedRefiner, c: torch.Tensor, uc: torch.Tensor, stre
     if not loaded.info.ranges:
         return [(0.0, 1.0, refine_tokens(loaded, c, uc, strength, extras, neg_extras, w))]
     single = replace(loaded.info, ranges=None)
-    return [(a, b, refine_tokens(LoadedRefiner(m, single, loaded.name), c, uc, strength, extras, neg_extras))
+    return [(a, b, refine_tokens(LoadedRefiner(m, single, loaded.name), c, uc, strength, extras, neg_extras, w))
             for a, b, m in loaded.stages]

@@ -34,8 +34,9 @@ FORMAT_VERSION = 1
 # with the official parameter names.
 RANGES_FORMAT_VERSION = 2
 # Refiners trained for a range of guidance scales (w an input, see `RefinerInfo.w_input`) are version
-# 3 with the official parameter names: an older pack would apply them as single-w refiners, so it
-# must say "update" instead.
+# 3 with the official parameter names (a K-range file that takes w too: version 3 with the prefixed
+# names, every range reading the same w input): an older pack would apply them as single-w refiners,
+# so it must say "update" instead.
 W_INPUT_FORMAT_VERSION = 3
 NEWEST_FORMAT_VERSION = W_INPUT_FORMAT_VERSION
 RANGE_PREFIX = "range{}."
@@ -102,8 +103,6 @@ class RefinerInfo:
             d.pop("ranges")
         if not d["w_input"]:
             d.pop("w_input")
-        elif self.ranges:
-            raise ValueError("a refiner file holds either noise-level ranges or a w input, not both")
         version = W_INPUT_FORMAT_VERSION if self.w_input else RANGES_FORMAT_VERSION if self.ranges else FORMAT_VERSION
         d.update(format=FORMAT_NAME, format_version=version)
         return {_KEY: json.dumps(d, sort_keys=True)}

@@ -35,6 +35,8 @@ def combine(out: str, inputs: list[str]) -> None:
         loaded.append(load_refiner(path))
     validate_ranges(ranges, os.path.basename(out))
     first = loaded[0].info
+    if any(x.info.w_input != first.w_input for x in loaded):
+        raise SystemExit("the inputs differ in their w input (train every range with the same --w-range)")
     negatives = all(x.info.negatives for x in loaded)
     info = first.__class__(**{**first.__dict__, "ranges": ranges, "negatives": negatives,
                               "train_steps": sum(x.info.train_steps or 0 for x in loaded),

@@ -71,8 +71,27 @@ def test_file_records_the_w_range_and_older_formats_stay(tmp_path):
     save_file(r.state_dict(), str(tmp_path / "bad.safetensors"), metadata={"cfg_distill": json.dumps(bad)})
     with pytest.raises(RefinerFileError, match="corrupt w input"):
         load_refiner(str(tmp_path / "bad.safetensors"))
-    with pytest.raises(ValueError, match="either noise-level ranges or a w input"):
-        RefinerInfo(32, 64, 4, ranges=[[0, 0.5], [0.5, 1]], w_input=W_INPUT).to_metadata()
+
+
+def test_a_k_range_refiner_can_take_w(tmp_path):
+    """Noise-level ranges and a w input together: every range's refiner reads the same w input."""
+    from cfg_distill import refine_ranges
+    from cfg_distill.refiner_file import save_range_refiner
+
+    mods = [_refiner(1), _refiner(2)]
+    path = str(tmp_path / "k2w.safetensors")
+    save_range_refiner(path, mods, RefinerInfo(32, 64, 4, base_family="other", guidance_scale=5.0,
+                                               ranges=[[0, 0.5], [0.5, 1]], w_input=W_INPUT))
+    with safe_open(path, framework="pt") as f:
+        assert json.loads(f.metadata()["cfg_distill"])["format_version"] == 3  # older packs say "update"
+    loaded = load_refiner(path)
+    assert loaded.info.ranges == [[0, 0.5], [0.5, 1]] and loaded.info.w_input == W_INPUT
+    c, uc = _tokens(1), _tokens(2, b=1)
+    for w in (3.0, 6.5):
+        for (_a, _b, got), m in zip(refine_ranges(loaded, c, uc, w=w), mods):
+            assert torch.allclose(got, refine(m, c, uc, w_amount=0.1 * (w - 5.0)), atol=1e-5)
+    with pytest.raises(ConditioningError, match="give w"):
+        refine_ranges(loaded, c, uc)
 
 
 def test_apply_needs_w_in_range_and_single_w_refiners_ignore_it():
