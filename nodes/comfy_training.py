@@ -111,7 +111,8 @@ class ComfyDistillHost:
                  batch_size: int, gradient_checkpointing: bool = False,
                  percent_range: tuple[float, float] = (0.0, 1.0),
                  negatives: list[EncodedPrompt] | None = None, negative_share: float = 0.0,
-                 w_input: dict | None = None, trajectories: TrajectoryPoints | None = None):
+                 w_input: dict | None = None, trajectories: TrajectoryPoints | None = None,
+                 one_level_per_batch: bool = False):
         start, end = percent_range
         if not 0.0 <= start < end <= 1.0:
             raise ValueError(f"percent_range must satisfy 0 <= start < end <= 1 (got {percent_range!r})")
@@ -128,6 +129,9 @@ class ComfyDistillHost:
         # One refiner for a range of w (RefinerInfo.w_input): w drawn per sample, the teacher is CFG at
         # that sample's w and the refiner reads it through its input.
         self.w_input = w_input
+        # The official recipe draws one integer t per batch; here one noise level per batch (per
+        # micro-batch) as an option, instead of one per sample.
+        self.one_level_per_batch = one_level_per_batch
         self.mp = trainable_clone(model)
         self.gradient_checkpointing = gradient_checkpointing
         self.mp.model.requires_grad_(False)
@@ -238,7 +242,8 @@ class ComfyDistillHost:
         x0 = torch.cat([self.x0[i] for i in idx], 0)
         prompts = [self.prompts[self.x0_prompt[i]] for i in idx]
         lo, hi = max(self.percent_range[0], 0.001), min(self.percent_range[1], 0.999)
-        u = (torch.rand(self.batch_size, generator=g) * (hi - lo) + lo).tolist()
+        u = torch.rand(1 if self.one_level_per_batch else self.batch_size, generator=g) * (hi - lo) + lo
+        u = u.expand(self.batch_size).tolist()
         sigma = torch.tensor([self.ms.percent_to_sigma(v) for v in u], dtype=torch.float32)
         noise = torch.randn(x0.shape, generator=g)
         x_t = self.ms.noise_scaling(sigma, noise, x0)

@@ -216,7 +216,7 @@ def run_training(model, clip, prompts, guidance_scale, steps, batch_size, learni
                  captions="", node_id=None, base_checkpoint="", should_stop=None, log_every=0, on_step=None,
                  gradient_checkpointing=False, percent_range=(0.0, 1.0), negative_prompts="",
                  negative_share=0.0, init=None, grad_accum=1, lr_schedule="constant", w_range=None,
-                 trajectories=None):
+                 trajectories=None, one_level_per_batch=False):
     """The node's work, callable from the headless trainer too. Returns (LoadedRefiner, loss image).
 
     Headless use: should_stop() replaces ComfyUI's interrupt flag (polled before every step and while
@@ -249,7 +249,8 @@ def run_training(model, clip, prompts, guidance_scale, steps, batch_size, learni
         w_input = w_input_for(w_range, guidance_scale)
         host = ComfyDistillHost(model, encoded, null, guidance_scale, batch_size, gradient_checkpointing,
                                 percent_range=percent_range, negatives=encode_prompts(clip, negs) if negs else None,
-                                negative_share=negative_share, w_input=w_input, trajectories=trajectories)
+                                negative_share=negative_share, w_input=w_input, trajectories=trajectories,
+                                one_level_per_batch=one_level_per_batch)
         host.load()
         try:
             _fill_x0_pool(host, texts, encoded, clip, images, vae, captions,

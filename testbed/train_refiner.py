@@ -135,6 +135,8 @@ def main(argv=None) -> int:
                          "evenly spread over the noise levels, as forward noising draws them)")
     ap.add_argument("--trajectory-student", action="store_true",
                     help="half of those trajectories are the --init refiner's own at cfg 1 (else all are CFG's)")
+    ap.add_argument("--one-level-per-batch", action="store_true",
+                    help="one noise level per batch, as the official recipe draws one integer t per batch")
     args = ap.parse_args(argv)
     percent_range = tuple(float(v) for v in args.percent_range.split(","))
     torch.set_num_threads(int(os.environ.get("TESTBED_THREADS", "2")))
@@ -177,7 +179,7 @@ def main(argv=None) -> int:
         init=_initial_refiner(pack, args, clip),
         lr_schedule=args.lr_schedule,
         w_range=tuple(float(v) for v in args.w_range.split(",")) if args.w_range else None,
-        trajectories=_trajectories(pack, args))
+        trajectories=_trajectories(pack, args), one_level_per_batch=args.one_level_per_batch)
     seconds = time.monotonic() - started
     src = os.path.join(args.work, f"{name}.safetensors")
     # Commit as float16 (half the size); the loader computes in float32 either way.
@@ -199,7 +201,8 @@ def main(argv=None) -> int:
                                                w_range=args.w_range, trajectory_share=args.trajectory_share,
                                                trajectories=args.trajectories,
                                                trajectory_schedule=args.trajectory_schedule,
-                                               trajectory_student=args.trajectory_student))
+                                               trajectory_student=args.trajectory_student,
+                                               one_level_per_batch=args.one_level_per_batch))
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     save_file(tensors, args.out + ".tmp", metadata=meta)
     os.replace(args.out + ".tmp", args.out)

@@ -50,7 +50,7 @@ if [ "$MATRIX" = full ]; then
   stage "ComfyUI 0.8.0" 1 env CFG_DISTILL_COMFYUI=0.8.0 CFG_DISTILL_EXPECT_COMFYUI=0.8.0 \
     CFG_DISTILL_EXPECT_FRONTEND="$OWN_VERSION" "$ROOT/.venv-comfy080/bin/python" -m pytest \
     tests/test_comfy_server.py tests/test_comfy_training.py tests/test_harness_waits.py tests/test_families.py \
-    tests/test_trajectory_points.py \
+    tests/test_training_points.py \
     tests/test_browser.py "$@"
   stage "ComfyUI 0.8.0 + frontend $NEWEST_VERSION" 1 env CFG_DISTILL_COMFYUI=0.8.0 \
     CFG_DISTILL_EXPECT_COMFYUI=0.8.0 CFG_DISTILL_FRONTEND_ROOT="$NEWEST_ROOT" \

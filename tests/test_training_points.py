@@ -1,7 +1,7 @@
-"""Training points on sampling trajectories (issue 11, item 1's first candidate): besides forward-noised
-data, a share of each batch is taken from the states the stock sampler visits - the CFG teacher's runs
-and, given a refiner, the student's own runs at cfg 1. In ComfyUI library mode on the tiny SD1.5
-checkpoint."""
+"""Where the training points x_t come from (issue 11, item 1's candidates): sampling trajectories
+besides forward-noised data - a share of each batch taken from the states the stock sampler visits,
+the CFG teacher's runs and, given a refiner, the student's own runs at cfg 1 - and the official
+recipe's one noise level per batch. In ComfyUI library mode on the tiny SD1.5 checkpoint."""
 import importlib.util
 import os
 import sys
@@ -41,10 +41,10 @@ def lib():
     return dict(model=model, ct=ct, enc=ct.encode_prompts(clip, PROMPTS), null=ct.encode_prompts(clip, [""])[0])
 
 
-def _host(lib, trajectories=None, percent_range=(0.0, 1.0), model=None):
+def _host(lib, trajectories=None, percent_range=(0.0, 1.0), model=None, **kw):
     ct = lib["ct"]
     host = ct.ComfyDistillHost(model or lib["model"], lib["enc"], lib["null"], 5.0, 2, percent_range=percent_range,
-                               trajectories=trajectories)
+                               trajectories=trajectories, **kw)
     host.load()
     for i in range(len(PROMPTS)):
         host.add_x0_from_teacher(i, (8, 8), 2, 20 + i)
@@ -118,3 +118,13 @@ def test_student_trajectories_run_at_cfg_1_and_the_percent_range_filters(lib):
     host.cleanup()
     with pytest.raises(ValueError, match="trajectory share must be in"):
         ct.ComfyDistillHost(lib["model"], lib["enc"], lib["null"], 5.0, 2, trajectories=ct.TrajectoryPoints(share=2.0))
+
+
+def test_one_noise_level_per_batch(lib):
+    per_sample, per_batch = _host(lib), _host(lib, one_level_per_batch=True)
+    a = per_sample.sample_batch(0, torch.Generator().manual_seed(4))
+    b = per_batch.sample_batch(0, torch.Generator().manual_seed(4))
+    assert a.sigma[0] != a.sigma[1]
+    assert b.sigma[0] == b.sigma[1] and b.sigma[0] == a.sigma[0]  # the first draw, shared by the batch
+    per_sample.cleanup()
+    per_batch.cleanup()
