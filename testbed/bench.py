@@ -312,7 +312,9 @@ def summarize(results: dict) -> dict:
 
 
 def table_markdown(out: dict) -> str:
-    lines = [f"Held-out prompts: {len(out['prompts'])} (combinations never seen in training) x {out['seeds']} seeds; "
+    which = ("Training prompts: {} (combinations the refiners were trained on)" if out.get("split") == "train"
+             else "Held-out prompts: {} (combinations never seen in training)").format(len(out["prompts"]))
+    lines = [f"{which} x {out['seeds']} seeds; "
              f"{out['sampler']}, {out['steps']} steps, base seed {out['seed']}.", "",
              "| method | NFE / image | alignment % | all 4 % | colour | shape | background | position | FD (judge) | "
              "RMS to CFG 5 |", "|---|---|---|---|---|---|---|---|---|---|"]
