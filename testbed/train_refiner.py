@@ -137,6 +137,14 @@ def main(argv=None) -> int:
                     help="half of those trajectories are the --init refiner's own at cfg 1 (else all are CFG's)")
     ap.add_argument("--one-level-per-batch", action="store_true",
                     help="one noise level per batch, as the official recipe draws one integer t per batch")
+    ap.add_argument("--query-noise", type=float, default=0.0,
+                    help="probe: Gaussian noise on the refiner's prompt input while training, as a share of each "
+                         "token's RMS (the correction is still added to the clean tokens)")
+    ap.add_argument("--hidden-dropout", type=float, default=0.0,
+                    help="probe: dropout on the refiner's first layer while training")
+    ap.add_argument("--splice-share", type=float, default=0.0,
+                    help="probe: share of samples whose prompt tokens are spliced from two prompts of the batch "
+                         "(first k tokens of one, the rest of another; teacher and student see the same tokens)")
     args = ap.parse_args(argv)
     percent_range = tuple(float(v) for v in args.percent_range.split(","))
     torch.set_num_threads(int(os.environ.get("TESTBED_THREADS", "2")))
@@ -170,13 +178,16 @@ def main(argv=None) -> int:
             print(f"[{time.strftime('%H:%M:%S')}] step {step}/{total} loss {loss:.4g} eta {eta:.0f}s", flush=True)
 
     name = os.path.splitext(os.path.basename(args.out))[0]
+    add_regularisers(args, sys.modules[pack.__name__ + ".cfg_distill.refiner"].DiceRefiner,
+                     sys.modules[pack.__name__ + ".nodes.comfy_training"].ComfyDistillHost)
+    init = _initial_refiner(pack, args, clip)
     loaded, _curve = training_node.run_training(
         model, clip, "\n".join(prompts), args.guidance_scale, args.steps, args.batch_size, args.lr, args.loss,
         data.SIZE, data.SIZE, args.seed, name, 100, args.resume, images=images, vae=vae,
         base_checkpoint=os.path.basename(ckpt), should_stop=lambda: False, on_step=on_step,
         percent_range=percent_range, negative_prompts="\n".join(training_negatives(args.seed + 23, args.full_negatives)),
         negative_share=args.negative_share,
-        init=_initial_refiner(pack, args, clip),
+        init=init,
         lr_schedule=args.lr_schedule,
         w_range=tuple(float(v) for v in args.w_range.split(",")) if args.w_range else None,
         trajectories=_trajectories(pack, args), one_level_per_batch=args.one_level_per_batch)
@@ -202,7 +213,9 @@ def main(argv=None) -> int:
                                                trajectories=args.trajectories,
                                                trajectory_schedule=args.trajectory_schedule,
                                                trajectory_student=args.trajectory_student,
-                                               one_level_per_batch=args.one_level_per_batch))
+                                               one_level_per_batch=args.one_level_per_batch,
+                                               query_noise=args.query_noise, hidden_dropout=args.hidden_dropout,
+                                               splice_share=args.splice_share))
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     save_file(tensors, args.out + ".tmp", metadata=meta)
     os.replace(args.out + ".tmp", args.out)
@@ -225,6 +238,49 @@ def _trajectories(pack, args):
     sampler, scheduler, steps = (args.trajectory_schedule or f"{SAMPLER}/{SCHEDULER}/20").split("/")
     return host.TrajectoryPoints(share=args.trajectory_share, count=args.trajectories, steps=int(steps),
                                  sampler=sampler, scheduler=scheduler, student=student)
+
+
+def add_regularisers(args, refiner_class, host) -> None:
+    """Probes for how the refiner generalises to unseen combinations (RESULTS_dice round 8), for this
+    training process only: hooks on every refiner built from now on (the trainer trains a copy of
+    --init; the hooks act in training mode only), and a wrapper around the host class's batches."""
+    if args.query_noise or args.hidden_dropout:
+        build = refiner_class.__init__
+
+        def build_with_hooks(self, *a, **kw):
+            build(self, *a, **kw)
+            _hook(self, args)
+        refiner_class.__init__ = build_with_hooks
+    if args.splice_share:
+        plain = host.sample_batch
+
+        def spliced(self, step, g):
+            batch = plain(self, step, g)
+            n, t = batch.c.shape[:2]
+            pick = (torch.rand(n, generator=g) < args.splice_share).tolist()
+            other = torch.randint(n, (n,), generator=g).tolist()
+            cut = torch.randint(1, 17, (n,), generator=g).tolist()
+            c = batch.c.clone()
+            for i in range(n):
+                if pick[i] and other[i] != i:
+                    c[i, cut[i]:] = batch.c[other[i], cut[i]:]
+            batch.c = c
+            return batch
+        host.sample_batch = spliced
+
+
+def _hook(refiner, args) -> None:
+    if args.query_noise:
+        def noisy_query(module, inputs):
+            c, uc = inputs
+            if not module.training:
+                return None
+            rms = c.pow(2).mean(-1, keepdim=True).sqrt()
+            return c + args.query_noise * rms * torch.randn_like(c), uc
+        refiner.register_forward_pre_hook(noisy_query)
+    if args.hidden_dropout:
+        refiner.fc1.register_forward_hook(
+            lambda m, _i, out: torch.nn.functional.dropout(out, args.hidden_dropout, m.training))
 
 
 def _initial_refiner(pack, args, clip):
