@@ -1,6 +1,6 @@
 """A1111 / Forge "DICE Training" tab: distil CFG at scale w into a DICE refiner for the loaded checkpoint.
 
-A thin layer over cfg_distill.webui_training: it reads the webui's objects and hands them to the
+A thin layer over sdwebui.training: it reads the webui's objects and hands them to the
 core. How it fits into the webui (a1111.md "Training from a tab"):
 
 - script_callbacks.on_ui_tabs (Forge has no Train tab, so not on_ui_train_tabs);
@@ -26,8 +26,8 @@ import contextlib
 import html
 import os
 
-from cfg_distill import webui_logic as logic
-from cfg_distill import webui_training as wt
+from sdwebui import logic
+from sdwebui import training as wt
 from modules import call_queue, devices, prompt_parser, script_callbacks, shared
 
 try:

@@ -1,6 +1,6 @@
 """AUTOMATIC1111 / Forge adapter for cfg-distill: DICE refiners and TeEFusion at CFG 1.
 
-A thin layer over cfg_distill.webui_logic: it reads the webui's objects and hands tensors to the
+A thin layer over sdwebui.logic: it reads the webui's objects and hands tensors to the
 core. How it hooks in (the smallest hook that works in A1111, Forge, reForge and Forge-classic):
 
 - ONE on_cfg_denoiser callback, registered when this file is imported. Every sampler calls it each
@@ -26,8 +26,8 @@ import os
 import torch
 
 from cfg_distill import ConditioningError, RefinerFileError
-from cfg_distill import webui_logic as logic
-from cfg_distill import webui_students
+from sdwebui import logic
+from sdwebui import students as webui_students
 from modules import devices, prompt_parser, script_callbacks, scripts, shared
 
 try:  # models/ of the webui; `paths` has been there since 2022, fall back to the data dir

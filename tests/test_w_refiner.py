@@ -109,7 +109,7 @@ def test_apply_needs_w_in_range_and_single_w_refiners_ignore_it():
 
 
 def test_webui_dice_mode_passes_w_and_records_it():
-    from cfg_distill import webui_logic as logic
+    from sdwebui import logic
 
     r, c, uc = _refiner(dim=768), _tokens(1, dim=768, b=1), _tokens(2, dim=768, b=1)
     loaded = LoadedRefiner(r, RefinerInfo(768, 64, 4, base_family="sd15", guidance_scale=5.0, w_input=W_INPUT), "w")

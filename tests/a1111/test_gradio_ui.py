@@ -28,7 +28,7 @@ if importlib.util.find_spec("gradio") is None:
 else:
     import gradio as gr
 
-    from cfg_distill import webui_logic as logic
+    from sdwebui import logic
     from fake_models import FakeSDXL
 
     def build(env, is_img2img=False, with_cfg_slider=True):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from cfg_distill import load_refiner, refine_tokens
-from cfg_distill import webui_logic as logic
+from sdwebui import logic
 from fake_models import FakeSD1, FakeSDXL
 
 WORDS = {77: 8, 154: 30, 231: 50}  # fake_models: > 20 words give 154 tokens, > 40 give 231

@@ -1,4 +1,4 @@
-"""The "DICE Training" tab (scripts/cfg_distill_train_tab.py over cfg_distill.webui_training) against
+"""The "DICE Training" tab (scripts/cfg_distill_train_tab.py over sdwebui.training) against
 the webui stand-ins and tiny trainable checkpoints, on both model paths (A1111 apply_model with
 integer t, Forge's k-diffusion UNet patcher): the refiner it writes, its metadata, the held-out gap,
 Interrupt, Resume, the queue lock, shared.state progress and the model's requires_grad flags.
@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from cfg_distill import load_refiner, read_refiner_info
-from cfg_distill import webui_training as wt
+from sdwebui import training as wt
 from cfg_distill.training import evaluate_gap, load_training_state
 from fake_trainable import A1111Model, ForgeModel, sd_alphas_cumprod
 

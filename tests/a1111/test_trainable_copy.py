@@ -3,7 +3,7 @@ Forge server runs it in tests/webui/test_webui_training.py; this pins down the t
 import pytest
 import torch
 
-from cfg_distill import webui_training as wt
+from sdwebui import training as wt
 
 
 class Block(torch.nn.Module):

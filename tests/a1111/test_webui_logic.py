@@ -1,11 +1,11 @@
-"""cfg_distill.webui_logic on its own: no webui, no stand-ins."""
+"""sdwebui.logic on its own: no webui, no stand-ins."""
 import os
 
 import pytest
 import torch
 
 from cfg_distill import ConditioningError, DiceRefiner, LoadedRefiner, RefinerInfo, fuse_tokens, refine_tokens
-from cfg_distill import webui_logic as logic
+from sdwebui import logic
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from cfg_distill import fuse_tokens, load_refiner, refine_tokens
-from cfg_distill import webui_logic as logic
+from sdwebui import logic
 from fake_models import FakeSD1, FakeSDXL
 
 SD15 = "sd15-test.safetensors"

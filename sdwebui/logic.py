@@ -22,10 +22,10 @@ from typing import Callable, Sequence
 
 import torch
 
-from .apply import ConditioningError, fuse_tokens, refine_tokens
-from .families import FAMILIES, describe_dim
-from .fusion import repeat_to_length
-from .refiner_file import LoadedRefiner, RefinerInfo, listed_refiner, load_refiner, read_refiner_info, short_hash_of_file
+from cfg_distill.apply import ConditioningError, fuse_tokens, refine_tokens
+from cfg_distill.families import FAMILIES, describe_dim
+from cfg_distill.fusion import repeat_to_length
+from cfg_distill.refiner_file import LoadedRefiner, RefinerInfo, listed_refiner, load_refiner, read_refiner_info, short_hash_of_file
 
 # ---------------------------------------------------------------------------------------------
 # Settings

@@ -19,8 +19,8 @@ from typing import Iterable, Sequence
 
 from safetensors import SafetensorError, safe_open
 
-from .families import FAMILIES
-from .teefusion_training import FUSION_MODULATION, METHOD, LoraInfo
+from cfg_distill.families import FAMILIES
+from cfg_distill.teefusion_training import FUSION_MODULATION, METHOD, LoraInfo
 
 # <lora:name>, <lora:name:0.8>, <lora:name:0.8:1>, <lora:name:unet=0.5>: the name is up to the first ':'
 _LORA_TAG = re.compile(r"<lora:([^:>]+)(?::[^>]*)?>", re.IGNORECASE)

@@ -34,12 +34,12 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from .families import FAMILIES
-from .fusion import repeat_to_length
-from .plot import loss_curve_image
-from .prompts import default_prompts
-from .refiner_file import RefinerFileError, RefinerInfo, read_refiner_info, save_refiner
-from .training import (Batch, GapReport, TrainConfig, TrainingDiverged, TrainingStateError, TrainResult,
+from cfg_distill.families import FAMILIES
+from cfg_distill.fusion import repeat_to_length
+from cfg_distill.plot import loss_curve_image
+from cfg_distill.prompts import default_prompts
+from cfg_distill.refiner_file import RefinerFileError, RefinerInfo, read_refiner_info, save_refiner
+from cfg_distill.training import (Batch, GapReport, TrainConfig, TrainingDiverged, TrainingStateError, TrainResult,
                        cfg_target, evaluate_gap, train_refiner)
 
 DEFAULT_GUIDANCE = 5.0

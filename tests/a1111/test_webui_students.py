@@ -1,11 +1,11 @@
-"""cfg_distill.webui_students: the TeEFusion student LoRAs a webui prompt names, read from real
+"""sdwebui.students: the TeEFusion student LoRAs a webui prompt names, read from real
 .safetensors files written by the pack's saver (the real webuis: tests/webui/test_webui_lora.py)."""
 
 import torch
 from safetensors.torch import save_file
 
 from cfg_distill.teefusion_training import FUSION_MODULATION, FUSION_TOKENS, LoraInfo, lora_state_dict, save_lora
-from cfg_distill.webui_students import find_lora_file, lora_names, model_family, read_student, student_notes
+from sdwebui.students import find_lora_file, lora_names, model_family, read_student, student_notes
 
 
 def _student(path, family="sd15", fusion=FUSION_TOKENS, w=(2.0, 8.0)):
