@@ -61,6 +61,8 @@ DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
 def _comfy(comfy_dir: str, cpu: bool):
+    if ROOT not in sys.path:
+        sys.path.insert(0, ROOT)
     from comfy_headless import import_comfy, load_pack
 
     import_comfy(comfy_dir, cpu)

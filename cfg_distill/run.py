@@ -7,12 +7,14 @@ and resume rules, the start file, the loop, cancel and divergence, and what is s
 
     host.folder(kind) -> str                  the model folder for "dice_refiners" / "loras"
     host.checkpoint() -> (name, short hash)   recorded in the file, checked on resume
-    host.prepare(request, start, reporter)    -> a Session, or None when stopped before training
+    host.prepare(request, start, reporter)    -> a Session: prompts encoded, model set up, no sampling yet
     host.is_interrupt(error) -> bool          the host's own cancel exception (ComfyUI raises one)
 
-A Session holds what prepare made: `family`, `token_dim`, `device`, `sample_batch`, `teacher`, and
-for DICE `student(batch, refined_c)`; for TeEFusion `lora_student()`, `lora_tensors()`, `lora_info`;
-`cleanup()` ends it. Only the main rank (torch.distributed) writes files.
+A Session holds what prepare made: `family`, `token_dim`, `device`, `make_data(reporter)` (the
+training latents; False when stopped), `sample_batch`, `teacher`, and for DICE
+`student(batch, refined_c)`; for TeEFusion `lora_student()`, `lora_tensors()`, `lora_info`;
+`cleanup()` ends it. The run checks the request against the model (start file, saved run) before any
+sampling. Only the main rank (torch.distributed) writes files.
 """
 from __future__ import annotations
 
@@ -112,8 +114,8 @@ def read_start(r: TrainRequest) -> Any:
             loaded = load_refiner(path)
         except RefinerFileError as e:
             raise RequestError(f"cannot start from {name!r}: {e}") from None
-        if len(loaded.stages()) != 1:
-            raise RequestError(f"cannot start from {name!r}: it holds {len(loaded.stages())} noise-level ranges; "
+        if len(loaded.stages) != 1:
+            raise RequestError(f"cannot start from {name!r}: it holds {len(loaded.stages)} noise-level ranges; "
                                "start from a single refiner")
         want = r.w_input()
         have = loaded.info.w_input
@@ -218,12 +220,12 @@ def run(request: TrainRequest, host: TrainingHost, reporter: Reporter | None = N
     started = time.monotonic()
     with torch.inference_mode(False), torch.enable_grad():
         session = host.prepare(r, start, reporter)
-        if session is None:
-            return Outcome(r, None, state_path, cancelled=True,
-                           message="Stopped while preparing the training data: nothing was trained or saved.")
         try:
             check_family(r, start, session.family, session.token_dim, (ckpt_name, ckpt_hash))
             check_resume_model(r, state_path, session.family, ckpt_hash)
+            if not session.make_data(reporter):
+                return Outcome(r, None, state_path, cancelled=True, family=session.family,
+                               message="Stopped while preparing the training data: nothing was trained or saved.")
             reporter.status(f"training: {resumed_at or 0} of {r.steps} steps done")
             if r.method == "dice":
                 out = _train_dice(r, session, start, state_path, reporter, hooks, ckpt_name, ckpt_hash, host)
@@ -232,14 +234,14 @@ def run(request: TrainRequest, host: TrainingHost, reporter: Reporter | None = N
         finally:
             session.cleanup()
     out.family, out.resumed_from, out.seconds = session.family, resumed_at, time.monotonic() - started
-    if reporter.main_rank:
+    if reporter.main_rank:  # torch.distributed: one rank writes; the others name the same file
         if r.method == "dice":
             save_refiner(path, out.refiner.module, out.refiner.info)
         else:
             from .teefusion_training import save_lora
 
             save_lora(path, out.lora_tensors, out.lora_info)
-        out.path = path
+    out.path = path
     out.message = summary(out, had_state)
     return out
 

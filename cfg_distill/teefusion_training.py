@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 from dataclasses import asdict, dataclass
 from typing import Callable
 
@@ -32,7 +31,6 @@ METHOD = "teefusion"
 FUSION_TOKENS = "tokens"  # UNet families: fused tokens (+ pooled where present)
 FUSION_MODULATION = "mmdit-modulation"  # SD3: the released guidance term in the block modulation
 _METADATA_KEY = "cfg_distill_teefusion"
-_NAME = re.compile(r"^[A-Za-z0-9_]+$")
 
 
 def draw_w(generator: torch.Generator, n: int, w_min: float, w_max: float) -> torch.Tensor:

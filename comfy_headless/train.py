@@ -283,13 +283,14 @@ def _run(args, request, d: "Dist", comfy_dir: str, use_cpu: bool) -> int:
     finally:
         progress.close()
     d.barrier()  # rank 0 has written the file before anyone leaves
-    if out.path is None and d.rank == 0:
-        log.warning("cancelled while preparing the training data: nothing was trained or saved")
+    if out.path is None:  # stopped while preparing: nothing trained or saved
+        if d.rank == 0:
+            log.warning("cancelled while preparing the training data: nothing was trained or saved")
         return EXIT_CANCELLED
     if d.rank == 0:
         log.info("%s saved after %d steps (final loss %.5g)%s: %s", req_mod.OUTPUT_LABEL[request.method], out.step,
                  out.final_loss, " - cancelled" if out.cancelled else "", out.path)
-        log.info("%s after %d steps in %.0f s", "cancelled" if out.cancelled else "done", out.step,
+        log.info("%s after %d steps in %.0f s", "cancelled; saved" if out.cancelled else "done", out.step,
                  time.monotonic() - started)
         for line in out.message.splitlines():
             log.info("%s", line)

@@ -179,19 +179,18 @@ class ComfyTrainingHost:
                                          rank=r.rank, alpha=float(r.rank), base_family=family)
             session.lora_student = lambda: LoraStudent(session.named_trainable(), session.predict, r.rank)
         session.family, session.token_dim = family, token_dim
+        session.make_data = lambda rep: self._make_data(session, r, encoded, rep)
         session.load()
-        try:
-            if not self._fill_pool(session, r, encoded, reporter):
-                session.cleanup()
-                return None
-            spec = self.trajectories
-            if r.method == "dice" and spec is not None and spec.share > 0:
-                reporter.status(f"sampling {spec.count} training trajectories")
-                session.add_trajectory_points((r.height // 8, r.width // 8), r.seed + 7919)
-        except BaseException:
-            session.cleanup()
-            raise
         return session
+
+    def _make_data(self, session, r: TrainRequest, encoded, reporter: Reporter) -> bool:
+        if not self._fill_pool(session, r, encoded, reporter):
+            return False
+        spec = self.trajectories
+        if r.method == "dice" and spec is not None and spec.share > 0:
+            reporter.status(f"sampling {spec.count} training trajectories")
+            session.add_trajectory_points((r.height // 8, r.width // 8), r.seed + 7919)
+        return True
 
     def _fill_pool(self, session, r: TrainRequest, encoded, reporter: Reporter) -> bool:
         """The x0 pool: VAE-encoded images, or one teacher sample per prompt. False when stopped."""

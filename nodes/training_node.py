@@ -50,6 +50,21 @@ def train_in_comfyui(request: TrainRequest, model, clip, vae=None, node_id=None,
     return out
 
 
+# Node inputs named otherwise than the request's fields; every other input is the field of its name.
+INPUT_FIELDS = {"learning_rate": "lr", "refiner_name": "name", "lora_name": "name"}
+
+
+def request_from_inputs(method: str, inputs: dict, **data) -> TrainRequest:
+    """A training node's inputs as the one request (validated later, by the run)."""
+    return TrainRequest(method=method, **{INPUT_FIELDS.get(k, k): v for k, v in inputs.items()}, **data)
+
+
+def cls_node(cls) -> tuple[str | None, str]:
+    """(node id, the checkpoint file upstream of its model input) from the node's hidden inputs."""
+    node_id = str(cls.hidden.unique_id) if cls.hidden else None
+    return node_id, checkpoint_of(cls.hidden.prompt if cls.hidden else None, node_id)
+
+
 def loss_curve(losses) -> torch.Tensor:
     return torch.from_numpy(loss_curve_image(losses))[None]
 
@@ -140,22 +155,11 @@ class TrainDiceRefiner(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, clip, prompts, guidance_scale, steps, batch_size, learning_rate, loss, width, height,
-                seed, refiner_name, save_every, resume, x0_steps=8, autocast="none", images=None, vae=None,
-                captions="", gradient_checkpointing=False, grad_accum=1, lr_schedule="cosine", w_min=0.0,
-                w_max=0.0, negative_prompts="", negative_share=0.5, start_from=NO_START) -> io.NodeOutput:
-        # grad_accum / lr_schedule keep their old meaning when an older API workflow leaves them out.
-        node_id = str(cls.hidden.unique_id) if cls.hidden else None
-        request = TrainRequest(
-            method="dice", name=refiner_name, prompts=prompts, guidance_scale=guidance_scale, steps=steps,
-            batch_size=batch_size, lr=learning_rate, loss=loss, width=width, height=height, seed=seed,
-            save_every=save_every, resume=resume, x0_steps=x0_steps, autocast=autocast, images=images,
-            captions=captions or "", gradient_checkpointing=gradient_checkpointing, grad_accum=grad_accum,
-            lr_schedule=lr_schedule, w_min=w_min, w_max=w_max, negative_prompts=negative_prompts or "",
-            negative_share=negative_share,
-            start_from="" if start_from in (None, "", NO_START) else folders.refiner_path(start_from))
-        out = train_in_comfyui(request, model, clip, vae, node_id,
-                               checkpoint_of(cls.hidden.prompt if cls.hidden else None, node_id))
+    def execute(cls, model, clip, images=None, vae=None, start_from=NO_START, **inputs) -> io.NodeOutput:
+        inputs.setdefault("grad_accum", 1)  # absent in API workflows made before it existed: as then
+        request = request_from_inputs("dice", inputs, images=images, start_from="" if start_from in (None, "", NO_START)
+                                      else folders.refiner_path(start_from))
+        out = train_in_comfyui(request, model, clip, vae, *cls_node(cls))
         return io.NodeOutput(out.refiner, loss_curve(out.losses))
 
 
@@ -215,21 +219,11 @@ class TrainTeEFusion(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, clip, prompts, w_min, w_max, steps, batch_size, learning_rate, rank, loss, width,
-                height, seed, lora_name, save_every, resume, x0_steps=8, autocast="none",
-                gradient_checkpointing=False, images=None, vae=None, captions="", lr_schedule="constant",
-                continue_from=NO_INIT) -> io.NodeOutput:
-        node_id = str(cls.hidden.unique_id) if cls.hidden else None
-        request = TrainRequest(
-            method="teefusion", name=lora_name, prompts=prompts, w_min=w_min, w_max=w_max, steps=steps,
-            batch_size=batch_size, lr=learning_rate, rank=rank, loss=loss, width=width, height=height, seed=seed,
-            save_every=save_every, resume=resume, x0_steps=x0_steps, autocast=autocast,
-            gradient_checkpointing=gradient_checkpointing, images=images, captions=captions or "",
-            lr_schedule=lr_schedule, grad_accum=1,
-            start_from="" if continue_from in (None, "", NO_INIT) else
-            folder_paths.get_full_path_or_raise(LORA_FOLDER, continue_from))
-        out = train_in_comfyui(request, model, clip, vae, node_id,
-                               checkpoint_of(cls.hidden.prompt if cls.hidden else None, node_id), "Train TeEFusion")
+    def execute(cls, model, clip, images=None, vae=None, continue_from=NO_INIT, **inputs) -> io.NodeOutput:
+        request = request_from_inputs("teefusion", inputs, images=images, start_from="" if continue_from in
+                                      (None, "", NO_INIT) else folder_paths.get_full_path_or_raise(LORA_FOLDER,
+                                                                                                    continue_from))
+        out = train_in_comfyui(request, model, clip, vae, *cls_node(cls), label="Train TeEFusion")
         return io.NodeOutput(*teefusion_outputs(model, out))
 
 

@@ -145,10 +145,12 @@ def _html(text: str, error: bool = False) -> str:
 
 
 def train_from_tab(prompts, guidance_scale, steps, batch_size, lr, loss, resolution, seed, name, save_every,
-                   resume, negative_prompts="", negative_share=wt.DEFAULT_NEGATIVE_SHARE):
+                   resume, negative_prompts="", negative_share=wt.DEFAULT_NEGATIVE_SHARE,
+                   grad_accum=wt.DEFAULT_GRAD_ACCUM, w_min=0.0, w_max=0.0):
     """The Train button (runs inside wrap_gradio_gpu_call): returns (loss image, status HTML)."""
     outcome = run_training(prompts, guidance_scale, steps, batch_size, lr, loss, resolution, seed, name,
-                           save_every, resume, negative_prompts=negative_prompts, negative_share=negative_share)
+                           save_every, resume, negative_prompts=negative_prompts, negative_share=negative_share,
+                           grad_accum=grad_accum, w_min=w_min, w_max=w_max)
     return outcome.image(), _html(outcome.message, error=not outcome.ok)
 
 
@@ -262,6 +264,13 @@ def on_ui_tabs():
                                            elem_id=f"{TAB_ID}_batch")
                     lr = gr.Number(value=wt.DEFAULT_LR, label="Learning rate", elem_id=f"{TAB_ID}_lr")
                 with gr.Row():
+                    grad_accum = gr.Number(value=wt.DEFAULT_GRAD_ACCUM, precision=0,
+                                           label="Gradient accumulation (effective batch = batch x this)",
+                                           elem_id=f"{TAB_ID}_grad_accum")
+                    w_min = gr.Number(value=0.0, label="w range: from (0 and 0: w only)", elem_id=f"{TAB_ID}_w_min")
+                    w_max = gr.Number(value=0.0, label="w range: to (one refiner for every w in it)",
+                                      elem_id=f"{TAB_ID}_w_max")
+                with gr.Row():
                     resolution = gr.Slider(256, 2048, step=64, value=wt.DEFAULT_RESOLUTION,
                                            label="Resolution (SDXL: 1024)", elem_id=f"{TAB_ID}_resolution")
                     seed = gr.Number(value=0, precision=0, label="Seed", elem_id=f"{TAB_ID}_seed")
@@ -277,7 +286,7 @@ def on_ui_tabs():
                 status = gr.HTML(f"<p>Refiners are saved to {html.escape(refiner_folder())}</p>",
                                  elem_id=f"{TAB_ID}_status")
         inputs = [prompts, guidance, steps, batch_size, lr, loss, resolution, seed, name, save_every, resume,
-                  negative_prompts, negative_share]
+                  negative_prompts, negative_share, grad_accum, w_min, w_max]
         train.click(train_click, inputs=inputs, outputs=[plot, status])
         stop.click(interrupt, inputs=[], outputs=[])
         check.click(show_progress, inputs=[], outputs=[plot, status])

@@ -87,6 +87,8 @@ class TrainRequest(CoreRequest):
                 w_min=0.0, w_max=0.0) -> "TrainRequest":
         """The tab's (or the route's) values, checked; TrainTabError names what is wrong."""
         res = _integer(resolution, "resolution", 64)
+        if res % 8 or res > 4096:
+            raise TrainTabError(f"resolution must be a multiple of 8 between 64 and 4096 (got {res})")
         try:
             return cls(method="dice", prompts=str(prompts or ""), guidance_scale=_number(guidance_scale, "guidance scale"),
                        steps=_integer(steps, "steps", 1), batch_size=_integer(batch_size, "batch size", 1),
@@ -499,9 +501,7 @@ class WebuiTrainingHost:
                                        r.negative_share_used, r.w_input())
             session.family, session.token_dim = family, null.tokens.shape[-1]
             session.cleanup = lambda: freeze.__exit__(None, None, None)
-            if not _latents(session, model, r, reporter.should_stop, reporter.status):
-                session.cleanup()
-                return None
+            session.make_data = lambda rep: _latents(session, model, r, rep.should_stop, rep.status)
         except BaseException:
             freeze.__exit__(None, None, None)
             raise

@@ -242,7 +242,7 @@ def held_out_gap(pack, model, clip, refiner, latent_hw):
 
 # (steps, batch, lr, bound on held-out refined / cfg-1 gap). Random-weight models: how much a refiner
 # can recover differs by family; the bounds sit a little above what was measured (1 CPU thread,
-# seeded, deterministic; see the README's family table). Every family that samples with CFG is trained.
+# seeded, deterministic; see docs/details.md's family table). Every family that samples with CFG is trained.
 TRAINING = {
     "sd3": (40, 4, 1e-3, 0.8),
     "pixart_alpha": (40, 4, 2e-3, 0.95),

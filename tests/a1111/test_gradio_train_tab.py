@@ -70,7 +70,7 @@ else:
         assert fn is env.train_tab.train_click
         assert [c.elem_id.replace("cfg_distill_train_", "") for c in inputs] == [
             "prompts", "w", "steps", "batch", "lr", "loss", "resolution", "seed", "name", "save_every", "resume",
-            "negatives", "negative_share"]
+            "negatives", "negative_share", "grad_accum", "w_min", "w_max"]
         assert outputs == [components["cfg_distill_train_plot"], components["cfg_distill_train_status"]]
         assert isinstance(outputs[1], gr.HTML), "wrap_gradio_call appends to the LAST output: it must be HTML"
         assert wired["cfg_distill_train_interrupt"][0] is env.train_tab.interrupt
@@ -83,8 +83,9 @@ else:
         components = {getattr(b, "elem_id", None): b for b in blocks.blocks.values()}
         values = [components[f"cfg_distill_train_{n}"].value for n in
                   ("prompts", "w", "steps", "batch", "lr", "loss", "resolution", "seed", "name", "save_every",
-                   "resume", "negatives", "negative_share")]
-        assert values[1:] == [5.0, 2000, 4, 2e-4, "l2", 512, 0, "my_dice_refiner", 200, False, "", 0.5]
+                   "resume", "negatives", "negative_share", "grad_accum", "w_min", "w_max")]
+        # The defaults every front door shares (cfg_distill.request): lr 5e-4 x grad_accum 4, as the node's.
+        assert values[1:] == [5.0, 2000, 4, 5e-4, "l2", 512, 0, "my_dice_refiner", 200, False, "", 0.5, 4, 0.0, 0.0]
         values[8] = "bad/name"
         image, status = env.train_tab.train_click(*values)
         assert "not a plain file name" in status
