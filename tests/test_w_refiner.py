@@ -200,3 +200,37 @@ def test_train_and_apply_a_refiner_for_a_range_of_w(lib):
     assert not torch.allclose(at[3.0], at[7.0])
     with pytest.raises(ValueError, match="trained for w from 3 to 7"):
         rn.ApplyDiceRefiner.execute(pos, neg, saved, 1.0, 9.0)
+
+
+def test_train_dice_refiner_starts_from_a_refiner_and_refuses_one_that_does_not_fit(lib):
+    """The node's start_from: a warm start begins at the file's weights (an lr too small to move them
+    saves them back), records where it started, and a file for another width, w range or a missing
+    one is refused by name before any sampling, leaving no output file."""
+    tn = sys.modules[PACK + ".nodes.training_node"]
+    base = dict(method="dice", prompts="a red fox\na blue car", steps=1, batch_size=2, loss="l2", width=64,
+                height=64, save_every=0, x0_steps=2, grad_accum=1, w_min=3.0, w_max=7.0)
+    tn.train_in_comfyui(TrainRequest(**base, lr=1e-3, name="start"), lib["model"], lib["clip"])
+    start = load_refiner(str(lib["dir"] / "start.safetensors"))
+    tn.train_in_comfyui(TrainRequest(**base, lr=1e-12, name="warm", start_from=str(lib["dir"] / "start.safetensors")),
+                        lib["model"], lib["clip"])
+    warm = load_refiner(str(lib["dir"] / "warm.safetensors"))
+    for k, v in start.module.state_dict().items():
+        assert torch.allclose(warm.module.state_dict()[k], v, atol=1e-6), k
+    assert warm.info.extra["started_from"] == "start.safetensors (1 steps)"
+
+    narrow = lib["dir"] / "narrow.safetensors"
+    save_refiner(str(narrow), DiceRefiner(16, 32, 4), RefinerInfo(16, 32, 4, guidance_scale=5.0))
+    with pytest.raises(ValueError, match="Train DICE Refiner: cannot start from 'narrow.safetensors': it is for "
+                                         "16-d prompt tokens, this model's are 768-d"):
+        tn.train_in_comfyui(TrainRequest(**{**base, "w_min": 0.0, "w_max": 0.0}, name="bad1",
+                                         start_from=str(narrow)), lib["model"], lib["clip"])
+    with pytest.raises(ValueError, match="trained for w 3-7, this run trains w 2-8"):
+        tn.train_in_comfyui(TrainRequest(**{**base, "w_min": 2.0, "w_max": 8.0}, name="bad2",
+                                         start_from=str(lib["dir"] / "start.safetensors")), lib["model"], lib["clip"])
+    with pytest.raises(ValueError, match="does not exist"):
+        tn.train_in_comfyui(TrainRequest(**base, name="bad3", start_from=str(lib["dir"] / "gone.safetensors")),
+                            lib["model"], lib["clip"])
+    with pytest.raises(FileNotFoundError, match="not in the dice_refiners folders"):  # the node's list, by name
+        tn.TrainDiceRefiner.execute(lib["model"], lib["clip"], start_from="gone.safetensors", **{
+            k: v for k, v in base.items() if k != "method"}, refiner_name="bad4", learning_rate=1e-3)
+    assert not any((lib["dir"] / f"bad{i}.safetensors").exists() for i in range(1, 5))
