@@ -88,6 +88,7 @@ class _Run:
         self.want_skip = False  # A1111 at CFG 1: skip the negative pass at every step
         self.claims: dict = {}  # the mode's infotext entries, written for the images it was applied to
         self.batch_refusal: str | None = None  # why this batch runs without the mode (host changes its prompt)
+        self.batch_note: str | None = None  # the note that says so, in this batch's infotexts only
         self.steps = logic.AppliedSteps()  # what this batch was sampled with
 
     def apply(self, params):
@@ -386,6 +387,9 @@ class CfgDistillScript(scripts.Script):
             return
         run.steps.reset()
         run.batch_refusal = None
+        if run.batch_note:  # the previous batch's refusal holds for that batch only
+            logic.remove_note(p.extra_generation_params, run.batch_note)
+            run.batch_note = None
         if not _host_is_forge():
             return
         prompts = list(kwargs.get("prompts") or getattr(p, "prompts", None) or [])
@@ -396,7 +400,8 @@ class CfgDistillScript(scripts.Script):
             problem = logic.forge_and_batch_problem(_weights_of(batch))
             if problem:
                 run.batch_refusal = problem
-                _say(p, f"[cfg-distill] {problem} This batch is generated without {run.settings.mode}.")
+                run.batch_note = f"{problem} This batch is generated without {run.settings.mode}."
+                _say(p, f"[cfg-distill] {run.batch_note}")
                 return
 
     def postprocess_batch(self, p, *args, **kwargs):

@@ -111,6 +111,18 @@ def add_note(extra_params: dict, text: str) -> None:
     extra_params[INFO_NOTE] = text if not old or text in old else f"{old} | {text}"
 
 
+def remove_note(extra_params: dict, text: str) -> None:
+    """Take one message added by add_note out again (a note that held for one batch only)."""
+    old = extra_params.get(INFO_NOTE)
+    if not old:
+        return
+    kept = [part for part in old.split(" | ") if part != text]
+    if kept:
+        extra_params[INFO_NOTE] = " | ".join(kept)
+    else:
+        extra_params.pop(INFO_NOTE, None)
+
+
 def and_prompt_problem(weights_per_prompt: Sequence[Sequence[float]]) -> str | None:
     """Why AND-prompts cannot run at CFG 1 with one pass per step, or None when they can.
 

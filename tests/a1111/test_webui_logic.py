@@ -265,3 +265,15 @@ def test_store_lists_loads_once_and_stays_inside(tmp_path):
         store.path("../../etc/passwd")
     os.utime(user / "sub" / "a.safetensors", ns=(1, 1))
     assert store.load("sub/a.safetensors") is not first, "a changed file is loaded again"
+
+
+def test_remove_note_takes_out_one_message():
+    extra = {}
+    logic.add_note(extra, "a")
+    logic.add_note(extra, "b")
+    logic.remove_note(extra, "a")
+    assert extra[logic.INFO_NOTE] == "b"
+    logic.remove_note(extra, "b")
+    assert logic.INFO_NOTE not in extra
+    logic.remove_note(extra, "c")  # nothing there: nothing happens
+    assert extra == {}

@@ -520,8 +520,8 @@ def test_forge_refuses_a_batch_whose_and_prompts_it_would_cut(make_webui, refine
     first, second = processed.infotexts[:2], processed.infotexts[2:]
     for text in first:  # 2 and 1 AND parts: Forge cuts the first prompt to "a cat"
         assert "CFG distill: " not in text and "shortest AND count" in text, text
-    for text in second:  # same count, same weights: DICE applies
-        assert "CFG distill: DICE" in text, text
+    for text in second:  # same count, same weights: DICE applies, and the first batch's note is gone
+        assert "CFG distill: DICE" in text and "shortest AND count" not in text, text
     calls = model.inner_model.calls
     assert all(torch.equal(call["tokens"][:1], pos(model, "a cat")) for call in calls[:2]), "the host's own conds"
     assert not any(torch.equal(call["tokens"][:1], pos(model, "a cat")) for call in calls[2:]), "refined"
