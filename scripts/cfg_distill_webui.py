@@ -16,7 +16,12 @@ core. How it hooks in (the smallest hook that works in A1111, Forge, reForge and
   process() restore too, should that record not come. While we skip, the image conditioning rows of
   the skipped negative are trimmed (A1111 trims x and sigma but not image_cond: inpainting models).
   Forge skips the pass by itself at CFG 1 but then never encodes the negative (text_uncond is
-  None): we encode it ourselves when the mode needs it.
+  None): we encode it ourselves when the mode needs it, with the schedule the host uses for that
+  pass (the hires pass: first-pass steps plus hires steps).
+- The infotext says what was sampled: the callback records, per batch, the steps the mode applied
+  to, and postprocess_batch (after sampling, before the webui writes the batch's infotexts) keeps
+  the mode's entries only if it applied, with "CFG distill steps" when a refusal cut it short.
+  Forge batches whose AND parts Forge itself would cut or re-weight run without the mode.
 """
 from __future__ import annotations
 
