@@ -59,6 +59,17 @@ STORE = logic.RefinerStore(lambda: [refiner_folder(), BUNDLED_FOLDER])
 SKIP = logic.OptionOverride(SKIP_KEY, 1.0)
 
 
+def _claim(extra: dict, run, applied: str | None) -> None:
+    """The mode's infotext entries for what was sampled: none (applied None), all of them (""), or all
+    of them with the steps it applied to."""
+    for key in logic.INFOTEXT_KEYS:
+        extra.pop(key, None)
+    if applied is not None:
+        extra.update(run.claims)
+        if applied:
+            extra[logic.INFO_STEPS] = applied
+
+
 def _host_is_forge() -> bool:
     # Forge, reForge and Forge-classic all ship modules_forge and skip the pass at CFG 1 themselves.
     return importlib.util.find_spec("modules_forge") is not None
@@ -395,19 +406,21 @@ class CfgDistillScript(scripts.Script):
         if run.batch_note:  # the previous batch's refusal holds for that batch only
             logic.remove_note(p.extra_generation_params, run.batch_note)
             run.batch_note = None
-        if not _host_is_forge():
-            return
-        prompts = list(kwargs.get("prompts") or getattr(p, "prompts", None) or [])
-        batches = [prompts]
-        if getattr(p, "enable_hr", False) and getattr(p, "hr_prompts", None):
-            batches.append(list(p.hr_prompts))
-        for batch in batches:
-            problem = logic.forge_and_batch_problem(_weights_of(batch))
-            if problem:
-                run.batch_refusal = problem
-                run.batch_note = f"{problem} This batch is generated without {run.settings.mode}."
-                _say(p, f"[cfg-distill] {run.batch_note}")
-                return
+        if _host_is_forge():
+            prompts = list(kwargs.get("prompts") or getattr(p, "prompts", None) or [])
+            batches = [prompts]
+            if getattr(p, "enable_hr", False) and getattr(p, "hr_prompts", None):
+                batches.append(list(p.hr_prompts))
+            for batch in batches:
+                problem = logic.forge_and_batch_problem(_weights_of(batch))
+                if problem:
+                    run.batch_refusal = problem
+                    run.batch_note = f"{problem} This batch is generated without {run.settings.mode}."
+                    _say(p, f"[cfg-distill] {run.batch_note}")
+                    break
+        # What this batch is about to be sampled with (the webui writes params.txt, "read the last
+        # generation's parameters", right after this hook); postprocess_batch settles it.
+        _claim(p.extra_generation_params, run, None if run.failed or run.batch_refusal else "")
 
     def postprocess_batch(self, p, *args, **kwargs):
         """After each batch, before the webui writes its images' infotexts: claim the mode only for
@@ -416,14 +429,7 @@ class CfgDistillScript(scripts.Script):
         run = getattr(p, RUN_ATTR, None)
         if run is None:
             return
-        extra = p.extra_generation_params
-        for key in logic.INFOTEXT_KEYS:
-            extra.pop(key, None)
-        applied = run.steps.describe()
-        if applied is not None:
-            extra.update(run.claims)
-            if applied:
-                extra[logic.INFO_STEPS] = applied
+        _claim(p.extra_generation_params, run, run.steps.describe())
 
     def process_before_every_sampling(self, p, *args, **kwargs):
         # Forge (and newer A1111) call this before each pass, the hires pass included.

@@ -526,6 +526,25 @@ def test_forge_refuses_a_batch_whose_and_prompts_it_would_cut(make_webui, refine
     assert all(torch.equal(call["tokens"][:1], pos(model, "a cat")) for call in calls[:2]), "the host's own conds"
     assert not any(torch.equal(call["tokens"][:1], pos(model, "a cat")) for call in calls[2:]), "refined"
 
+    # What the webui writes to params.txt right after process_batch says the same.
+    model = FakeSD1()
+    env = make_webui("forge", model)
+    seen = []
+
+    class Spy(env.scripts.Script):
+        def show(self, is_img2img):
+            return env.scripts.AlwaysVisible
+
+        def process_batch(self, p, *args, **kwargs):
+            seen.append("CFG distill" in p.extra_generation_params)
+
+    runner = env.scripts.ScriptRunner([env.script_module.CfgDistillScript()])
+    runner.add(Spy(), n_args=0)
+    p = env.processing.StableDiffusionProcessingTxt2Img(scripts=runner, script_args=dice(negative=False), prompt=prompts,
+                                                        batch_size=2, n_iter=2, steps=2)
+    env.txt2img.txt2img_function(p)
+    assert seen == [False, True]
+
     # A1111 composes each image's own subprompts: nothing to refuse.
     env = make_webui("a1111", FakeSD1())
     p, processed = generate(env, dice(negative=False), prompt=prompts[:2], batch_size=2, steps=2)
