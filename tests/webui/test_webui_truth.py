@@ -149,3 +149,17 @@ def test_forge_refuses_a_batch_whose_and_parts_it_cuts(webui):
     else:
         for t in singles:
             assert "CFG distill: DICE" in t and "CFG distill note" not in t, t
+
+
+def test_hires_schedule_counts_the_hires_samplers_model_calls(webui):
+    """A second-order hires sampler (Heun) calls the model twice per step and the host schedules
+    the hires pass over those calls: 3 hires steps are 6 calls, so [blurry:ugly:1.5] (half of the
+    hires pass) and [blurry:ugly:7] (4 first-pass steps + 3) switch at the same call, and the
+    images are the same. Counted as 3, they would switch at calls 1 and 3."""
+    hires = dict(enable_hr=True, hr_scale=1.5, hr_upscaler="Latent", hr_second_pass_steps=3, denoising_strength=0.9,
+                 hr_sampler_name="Heun")
+    if webui.forge:
+        hires.update(hr_additional_modules=["Use same choices"], hr_cfg=1.0)
+    fraction, _ = webui.generate("TeEFusion", w=3.0, negative_prompt="[blurry:ugly:1.5]", **hires)
+    count, _ = webui.generate("TeEFusion", w=3.0, negative_prompt="[blurry:ugly:7]", **hires)
+    assert (image_array(fraction["images"][0]) == image_array(count["images"][0])).all()
