@@ -163,9 +163,9 @@ class _Run:
                 prompts = prompt_parser.SdConditioning(prompts, is_negative_prompt=is_negative,
                                                        width=width, height=height)
             with devices.autocast():
-                if hires_steps is None:
+                if hires_steps is None and not old_scheduling:  # the defaults (and webuis before 1.6)
                     schedules = prompt_parser.get_learned_conditioning(model, prompts, steps)
-                else:
+                else:  # both passes: the host passes opts.use_old_scheduling, which changes both
                     schedules = prompt_parser.get_learned_conditioning(model, prompts, steps, hires_steps,
                                                                        old_scheduling)
             self.encoded[key] = schedules

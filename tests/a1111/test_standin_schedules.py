@@ -24,6 +24,9 @@ CASES = [  # (prompt, first-pass steps, hires steps or None, old scheduling)
     ("a [red:blue:2] fox", 6, None, False),
     ("a [red:blue:2] fox", 6, 4, False),
     ("plain", 4, 2, False),
+    ("[blurry:ugly:1.0]", 4, None, False),
+    ("[blurry:ugly:1.0]", 4, None, True),
+    ("[blurry:ugly:0.25]", 4, None, True),
 ]
 
 

@@ -512,6 +512,21 @@ def test_hires_negative_follows_the_hosts_hires_schedule(make_webui, host):
     assert all(torch.equal(call["tokens"], ugly) for call in calls[4:]), "hires: 'ugly' throughout"
 
 
+@pytest.mark.parametrize("host", ["a1111", "forge"])
+def test_negative_follows_old_prompt_editing_timelines(make_webui, host):
+    """opts.use_old_scheduling changes the first pass too: "[blurry:ugly:1.0]" switches after step 1
+    with the old timelines (N >= 1 is a step count) and never with the new ones (1.0 is the end)."""
+    model = FakeSD1()
+    env = make_webui(host, model)
+    env.shared.opts.data["use_old_scheduling"] = True
+    generate(env, tee(w=2.0), prompt="a red fox", negative_prompt="[blurry:ugly:1.0]", steps=4)
+    c = pos(model, "a red fox")
+    blurry, ugly = fuse_tokens(c, neg(model, "blurry"), 2.0), fuse_tokens(c, neg(model, "ugly"), 2.0)
+    calls = model.inner_model.calls
+    assert len(calls) == 4 and torch.equal(calls[0]["tokens"], blurry)
+    assert all(torch.equal(call["tokens"], ugly) for call in calls[2:])
+
+
 def test_forge_refuses_a_batch_whose_and_prompts_it_would_cut(make_webui, refiners_dir):
     model = FakeSD1()
     env = make_webui("forge", model)

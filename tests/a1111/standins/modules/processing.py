@@ -147,7 +147,9 @@ class StableDiffusionProcessing:
                required_prompts.width, required_prompts.height, steps, id(shared.sd_model))
         if cache[0] == key:
             return cache[1]
-        cache[1] = function(shared.sd_model, required_prompts, steps)
+        # Both hosts pass opts.use_old_scheduling in the first pass too (hires_steps None there).
+        cache[1] = function(shared.sd_model, required_prompts, steps, None,
+                            bool(getattr(shared.opts, "use_old_scheduling", False)))
         cache[0] = key
         return cache[1]
 
