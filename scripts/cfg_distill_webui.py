@@ -16,7 +16,12 @@ core. How it hooks in (the smallest hook that works in A1111, Forge, reForge and
   process() restore too, should that record not come. While we skip, the image conditioning rows of
   the skipped negative are trimmed (A1111 trims x and sigma but not image_cond: inpainting models).
   Forge skips the pass by itself at CFG 1 but then never encodes the negative (text_uncond is
-  None): we encode it ourselves when the mode needs it.
+  None): we encode it ourselves when the mode needs it, with the schedule the host uses for that
+  pass (the hires pass: first-pass steps plus hires steps).
+- The infotext says what was sampled: the callback records, per batch, the steps the mode applied
+  to, and postprocess_batch (after sampling, before the webui writes the batch's infotexts) keeps
+  the mode's entries only if it applied, with "CFG distill steps" when a refusal cut it short.
+  Forge batches whose AND parts Forge itself would cut or re-weight run without the mode.
 """
 from __future__ import annotations
 
@@ -54,6 +59,17 @@ STORE = logic.RefinerStore(lambda: [refiner_folder(), BUNDLED_FOLDER])
 SKIP = logic.OptionOverride(SKIP_KEY, 1.0)
 
 
+def _claim(extra: dict, run, applied: str | None) -> None:
+    """The mode's infotext entries for what was sampled: none (applied None), all of them (""), or all
+    of them with the steps it applied to."""
+    for key in logic.INFOTEXT_KEYS:
+        extra.pop(key, None)
+    if applied is not None:
+        extra.update(run.claims)
+        if applied:
+            extra[logic.INFO_STEPS] = applied
+
+
 def _host_is_forge() -> bool:
     # Forge, reForge and Forge-classic all ship modules_forge and skip the pass at CFG 1 themselves.
     return importlib.util.find_spec("modules_forge") is not None
@@ -83,9 +99,13 @@ class _Run:
 
     def __init__(self, settings: logic.Settings, transform: logic.CondTransform):
         self.settings, self.transform = settings, transform
-        self.encoded: dict = {}  # (texts, negative?, size, steps, model) -> prompt schedules
+        self.encoded: dict = {}  # (texts, negative?, size, steps, hires steps, model) -> prompt schedules
         self.failed = False
         self.want_skip = False  # A1111 at CFG 1: skip the negative pass at every step
+        self.claims: dict = {}  # the mode's infotext entries, written for the images it was applied to
+        self.batch_refusal: str | None = None  # why this batch runs without the mode (host changes its prompt)
+        self.batch_note: str | None = None  # the note that says so, in this batch's infotexts only
+        self.steps = logic.AppliedSteps()  # what this batch was sampled with
 
     def apply(self, params):
         denoiser = params.denoiser
@@ -125,13 +145,17 @@ class _Run:
         return prompt_parser.reconstruct_cond_batch(self.schedules(p, texts, is_negative), step)
 
     def schedules(self, p, texts, is_negative: bool):
-        """prompt_parser.get_learned_conditioning as the host calls it, once per run and pass."""
+        """prompt_parser.get_learned_conditioning as the host calls it for this pass, once per run
+        and pass: in the hires pass with the hires size and the hires step count (prompt editing and
+        alternation then switch where the host's own conditioning switches)."""
         hr = bool(getattr(p, "is_hr_pass", False))
         width = (getattr(p, "hr_upscale_to_x", 0) if hr else 0) or p.width
         height = (getattr(p, "hr_upscale_to_y", 0) if hr else 0) or p.height
         steps = getattr(p, "firstpass_steps", None) or p.steps
+        hires_steps = _hires_total_steps(p) if hr else None
+        old_scheduling = bool(getattr(shared.opts, "use_old_scheduling", False))
         model = shared.sd_model
-        key = (tuple(texts), is_negative, width, height, steps, id(model))
+        key = (tuple(texts), is_negative, width, height, steps, hires_steps, old_scheduling, id(model))
         schedules = self.encoded.get(key)
         if schedules is None:
             prompts = list(texts)
@@ -139,7 +163,11 @@ class _Run:
                 prompts = prompt_parser.SdConditioning(prompts, is_negative_prompt=is_negative,
                                                        width=width, height=height)
             with devices.autocast():
-                schedules = prompt_parser.get_learned_conditioning(model, prompts, steps)
+                if hires_steps is None and not old_scheduling:  # the defaults (and webuis before 1.6)
+                    schedules = prompt_parser.get_learned_conditioning(model, prompts, steps)
+                else:  # both passes: the host passes opts.use_old_scheduling, which changes both
+                    schedules = prompt_parser.get_learned_conditioning(model, prompts, steps, hires_steps,
+                                                                       old_scheduling)
             self.encoded[key] = schedules
         return schedules
 
@@ -155,6 +183,18 @@ def _negatives(p) -> list[str]:
     return list(getattr(p, "negative_prompts", None) or [])
 
 
+def _hires_total_steps(p) -> int:
+    """The hires pass's step count as the host gives it to the prompt schedules (calculate_hr_conds:
+    hires steps or steps, times the hires sampler's steps multiplier)."""
+    steps = int(getattr(p, "hr_second_pass_steps", 0) or p.steps)
+    try:
+        from modules import sd_samplers
+        config = sd_samplers.find_sampler_config(getattr(p, "hr_sampler_name", None) or p.sampler_name)
+    except (ImportError, AttributeError):
+        config = None
+    return config.total_steps(steps) if config is not None else steps
+
+
 def _rows_per_image(denoiser) -> list[int] | None:
     """AND-subprompts per image, from the multicond batch the sampler was given (None if unreadable)."""
     try:
@@ -164,16 +204,23 @@ def _rows_per_image(denoiser) -> list[int] | None:
 
 
 def _on_cfg_denoiser(params) -> None:
-    p = getattr(getattr(params, "denoiser", None), "p", None)
+    denoiser = getattr(params, "denoiser", None)
+    p = getattr(denoiser, "p", None)
     run = getattr(p, RUN_ATTR, None)
-    if run is None or run.failed:
+    if run is None:
         return
-    try:
-        params.text_cond = run.apply(params)
-    except Exception as e:  # the host would only log it, every step; say it once, clearly
-        run.fail(p, e)
-        return
-    if run.want_skip:
+    hires = bool(getattr(p, "is_hr_pass", False))
+    step = getattr(denoiser, "step", params.sampling_step)
+    total = getattr(denoiser, "total_steps", None) or getattr(params, "total_sampling_steps", None)
+    applied = False
+    if not run.failed and run.batch_refusal is None:
+        try:
+            params.text_cond = run.apply(params)
+            applied = True
+        except Exception as e:  # the host would only log it, every step; say it once, clearly
+            run.fail(p, e)
+    run.steps.ran(hires, step, total, applied)
+    if applied and run.want_skip:
         _skip_this_step(p, params)
 
 
@@ -296,7 +343,7 @@ class CfgDistillScript(scripts.Script):
             (refiner, _paste_refiner),
             (strength, logic.INFO_STRENGTH),
             (negative, logic.INFO_NEGATIVE),
-            (w, logic.INFO_W),
+            (w, _paste_w),
         ]
         self.paste_field_names = [key for _, key in self.infotext_fields]
         return [mode, refiner, strength, negative, w]
@@ -328,7 +375,10 @@ class CfgDistillScript(scripts.Script):
         run = _Run(settings, transform)
         setattr(p, RUN_ATTR, run)
         takes_w = bool(transform.refiner is not None and transform.refiner.info.w_input)
-        p.extra_generation_params.update(logic.infotext_params(settings, refiner_hash, takes_w))
+        # Claimed now (a run cut short still says what was asked for); postprocess_batch then
+        # makes each batch's infotext say what its images were really sampled with.
+        run.claims = logic.infotext_params(settings, refiner_hash, takes_w)
+        p.extra_generation_params.update(run.claims)
 
         if settings.mode == logic.MODE_TEEFUSION:
             try:
@@ -346,10 +396,45 @@ class CfgDistillScript(scripts.Script):
         elif not forge:
             run.want_skip = _can_skip(p)
 
+    def process_batch(self, p, *args, **kwargs):
+        """Before each batch: refuse a batch whose prompt the host itself would change."""
+        run = getattr(p, RUN_ATTR, None)
+        if run is None:
+            return
+        run.steps.reset()
+        run.batch_refusal = None
+        if run.batch_note:  # the previous batch's refusal holds for that batch only
+            logic.remove_note(p.extra_generation_params, run.batch_note)
+            run.batch_note = None
+        if _host_is_forge():
+            prompts = list(kwargs.get("prompts") or getattr(p, "prompts", None) or [])
+            batches = [prompts]
+            if getattr(p, "enable_hr", False) and getattr(p, "hr_prompts", None):
+                batches.append(list(p.hr_prompts))
+            for batch in batches:
+                problem = logic.forge_and_batch_problem(_weights_of(batch))
+                if problem:
+                    run.batch_refusal = problem
+                    run.batch_note = f"{problem} This batch is generated without {run.settings.mode}."
+                    _say(p, f"[cfg-distill] {run.batch_note}")
+                    break
+        # What this batch is about to be sampled with (the webui writes params.txt, "read the last
+        # generation's parameters", right after this hook); postprocess_batch settles it.
+        _claim(p.extra_generation_params, run, None if run.failed or run.batch_refusal else "")
+
+    def postprocess_batch(self, p, *args, **kwargs):
+        """After each batch, before the webui writes its images' infotexts: claim the mode only for
+        what was sampled with it (not at all when it was refused, with the steps when it applied to
+        part of the run)."""
+        run = getattr(p, RUN_ATTR, None)
+        if run is None:
+            return
+        _claim(p.extra_generation_params, run, run.steps.describe())
+
     def process_before_every_sampling(self, p, *args, **kwargs):
         # Forge (and newer A1111) call this before each pass, the hires pass included.
         run = getattr(p, RUN_ATTR, None)
-        if run is not None and not run.failed:
+        if run is not None and not run.failed and run.batch_refusal is None:
             try:
                 run.prepare(p, kwargs.get("uc"))
             except Exception as e:
@@ -393,6 +478,13 @@ def _paste_mode(params) -> str:
     return logic.parse_infotext(params)["mode"]  # no key: the image was made with cfg-distill off
 
 
+def _paste_w(params):
+    """w from the key of the pasted mode ("DICE w", or "TeEFusion w": TeEFusion images, and DICE
+    images written before DICE had its own key); no key: the slider keeps its value."""
+    found = logic.parse_infotext(params)
+    return found["w"] if found["has_w"] else None
+
+
 def _paste_refiner(params):
     """A gr.update with the current refiner list: converting the name with the dropdown's value type
     would fail for a dropdown that was empty (value None) when the page was built."""
@@ -411,7 +503,14 @@ def _and_weights(p) -> list[list[float]]:
     prompts = list(getattr(p, "all_prompts", None) or [p.prompt])
     if getattr(p, "enable_hr", False) and getattr(p, "all_hr_prompts", None):
         prompts += list(p.all_hr_prompts)
-    res_indexes, _, _ = prompt_parser.get_multicond_prompt_list(list(dict.fromkeys(prompts)))
+    return _weights_of(list(dict.fromkeys(prompts)))
+
+
+def _weights_of(prompts) -> list[list[float]]:
+    """The AND-subprompt weights of each prompt, as the host's prompt parser splits them."""
+    if not prompts:
+        return []
+    res_indexes, _, _ = prompt_parser.get_multicond_prompt_list(list(prompts))
     return [[weight for _, weight in entry] for entry in res_indexes]
 
 

@@ -93,8 +93,13 @@ INFO_REFINER = "DICE refiner"
 INFO_REFINER_HASH = "DICE refiner hash"
 INFO_STRENGTH = "DICE strength"
 INFO_NEGATIVE = "DICE negative as null"
-INFO_W = "TeEFusion w"
-INFOTEXT_KEYS = (INFO_MODE, INFO_REFINER, INFO_REFINER_HASH, INFO_STRENGTH, INFO_NEGATIVE, INFO_W)
+INFO_W = "TeEFusion w"  # TeEFusion's w
+INFO_DICE_W = "DICE w"  # the w a DICE refiner trained for a range of w reads (older versions wrote "TeEFusion w")
+# Written only when the mode was applied to part of the sampling (a refusal in the middle of the
+# run): which steps it applied to, e.g. "1-2 of 4" or "first pass, hires 1-2 of 3".
+INFO_STEPS = "CFG distill steps"
+INFOTEXT_KEYS = (INFO_MODE, INFO_REFINER, INFO_REFINER_HASH, INFO_STRENGTH, INFO_NEGATIVE, INFO_DICE_W, INFO_W,
+                 INFO_STEPS)
 # Why the mode was not (fully) applied: written into the infotext, so API users (whose responses
 # carry the infotext and extra_generation_params, never the console) learn it too.
 INFO_NOTE = "CFG distill note"
@@ -104,6 +109,18 @@ def add_note(extra_params: dict, text: str) -> None:
     """Append one message to the note entry of p.extra_generation_params (several join with ' | ')."""
     old = extra_params.get(INFO_NOTE)
     extra_params[INFO_NOTE] = text if not old or text in old else f"{old} | {text}"
+
+
+def remove_note(extra_params: dict, text: str) -> None:
+    """Take one message added by add_note out again (a note that held for one batch only)."""
+    old = extra_params.get(INFO_NOTE)
+    if not old:
+        return
+    kept = [part for part in old.split(" | ") if part != text]
+    if kept:
+        extra_params[INFO_NOTE] = " | ".join(kept)
+    else:
+        extra_params.pop(INFO_NOTE, None)
 
 
 def and_prompt_problem(weights_per_prompt: Sequence[Sequence[float]]) -> str | None:
@@ -123,6 +140,78 @@ def and_prompt_problem(weights_per_prompt: Sequence[Sequence[float]]) -> str | N
     return None
 
 
+def forge_and_batch_problem(weights_per_prompt: Sequence[Sequence[float]]) -> str | None:
+    """Why Forge would not sample the AND-prompts of one batch as written, or None.
+
+    Forge composes the subprompts of a batch position by position (backend/sampling/condition.py,
+    compile_weighted_conditions: zip over the images' subprompt lists, one weight per position):
+    with unequal AND counts every prompt is cut to the shortest count, and at each position all
+    images get the weight of the last image. The extension cannot undo that, and must not claim an
+    image made from a prompt the user did not write."""
+    if len(weights_per_prompt) < 2:
+        return None
+    counts = [len(w) for w in weights_per_prompt]
+    if len(set(counts)) > 1:
+        return (f"Forge cuts the AND-prompts of a batch to the shortest AND count (here {min(counts)} of "
+                f"{'/'.join(str(c) for c in counts)} subprompts), so some subprompts never reach the model. "
+                f"Give every prompt of the batch the same number of AND parts, or use batch size 1.")
+    for position in range(counts[0]):
+        weights = [w[position] for w in weights_per_prompt]
+        if any(not math.isclose(w, weights[-1], rel_tol=0, abs_tol=1e-6) for w in weights):
+            listed = "/".join(f"{w:g}" for w in weights)
+            return (f"Forge gives every image of a batch the AND weights of the last image (subprompt "
+                    f"{position + 1} is weighted {listed} here), so the other images are not composed "
+                    f"as written. Use the same AND weights across the batch, or batch size 1.")
+    return None
+
+
+class AppliedSteps:
+    """Which sampling steps of one batch the mode was applied to: the first pass, then the hires
+    pass; a refusal in the middle of the run stops it for the rest of the generation, so what it
+    applied to is always a leading run of steps."""
+
+    FIRST, HIRES = "first", "hires"
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.applied = {self.FIRST: 0, self.HIRES: 0}  # steps applied, per pass
+        self.total = {self.FIRST: None, self.HIRES: None}  # the pass's step count, when known
+        self.hires_seen = False
+        self.stopped = False  # a step of this batch ran without the mode
+
+    def ran(self, hires: bool, step: int, total, applied: bool) -> None:
+        key = self.HIRES if hires else self.FIRST
+        self.hires_seen |= hires
+        if total:
+            self.total[key] = int(total)
+        if applied and not self.stopped:
+            self.applied[key] = max(self.applied[key], int(step) + 1)
+        elif not applied:
+            self.stopped = True
+
+    @property
+    def any(self) -> bool:
+        return any(self.applied.values())
+
+    def describe(self) -> str | None:
+        """None: not applied at all; "": applied to every step; else the steps it applied to."""
+        if not self.any:
+            return None
+        if not self.stopped:
+            return ""
+
+        def part(key):
+            n, total = self.applied[key], self.total[key]
+            return f"1-{n}" + (f" of {total}" if total else "") if n != 1 else "1" + (f" of {total}" if total else "")
+
+        if not self.applied[self.HIRES]:
+            text = part(self.FIRST)
+            return text + (", hires none" if self.hires_seen else "")
+        return f"first pass, hires {part(self.HIRES)}"
+
+
 def infotext_params(settings: Settings, refiner_hash: str = "", refiner_takes_w: bool = False) -> dict:
     """The entries to put into p.extra_generation_params (only those of the active mode; w in DICE
     mode only for refiners trained for a range of w, which read it)."""
@@ -136,7 +225,7 @@ def infotext_params(settings: Settings, refiner_hash: str = "", refiner_takes_w:
         out[INFO_STRENGTH] = settings.strength
         out[INFO_NEGATIVE] = settings.negative_as_null
         if refiner_takes_w:
-            out[INFO_W] = settings.w
+            out[INFO_DICE_W] = settings.w
     else:
         out[INFO_W] = settings.w
     return out
@@ -160,15 +249,24 @@ def _as_bool(v, default):
 def parse_infotext(params: dict) -> dict:
     """Settings found in a parsed infotext (values are strings there); absent keys give defaults.
 
-    An infotext without our keys means the image was made with cfg-distill off."""
+    An infotext without our keys means the image was made with cfg-distill off. w is read from the
+    key of the mode; DICE images written before the key was renamed carry it as "TeEFusion w"."""
     mode = str(params.get(INFO_MODE, MODE_OFF)).strip()
+    if mode == MODE_DICE:
+        w = params.get(INFO_DICE_W, params.get(INFO_W))
+    elif mode == MODE_TEEFUSION:
+        w = params.get(INFO_W)
+    else:
+        w = None
     return {
         "mode": mode if mode in MODES else MODE_OFF,
         "refiner": str(params.get(INFO_REFINER, "") or "").strip(),
         "refiner_hash": str(params.get(INFO_REFINER_HASH, "") or "").strip(),
         "strength": _as_float(params.get(INFO_STRENGTH), DEFAULT_STRENGTH),
         "negative_as_null": _as_bool(params.get(INFO_NEGATIVE), DEFAULT_NEGATIVE_AS_NULL),
-        "w": _as_float(params.get(INFO_W), DEFAULT_W),
+        "w": _as_float(w, DEFAULT_W),
+        "has_w": w is not None,
+        "steps": str(params.get(INFO_STEPS, "") or "").strip(),
     }
 
 

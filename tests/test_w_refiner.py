@@ -117,8 +117,8 @@ def test_webui_dice_mode_passes_w_and_records_it():
     settings = logic.Settings.from_ui(logic.MODE_DICE, "w", 1.0, False, 6.5)
     out = logic.CondTransform(settings, loaded)(c, [uc], [0])
     assert torch.allclose(out, refine(r, c, uc, w_amount=0.1 * (6.5 - 5.0)), atol=1e-6)
-    assert logic.infotext_params(settings, "abc", refiner_takes_w=True)[logic.INFO_W] == 6.5
-    assert logic.INFO_W not in logic.infotext_params(settings, "abc")
+    assert logic.infotext_params(settings, "abc", refiner_takes_w=True)[logic.INFO_DICE_W] == 6.5
+    assert logic.INFO_DICE_W not in logic.infotext_params(settings, "abc")
 
 
 # -- training, in ComfyUI library mode on the tiny SD1.5 checkpoint ---------------------------------------

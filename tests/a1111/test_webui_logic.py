@@ -103,11 +103,59 @@ def test_infotext_params_and_parse():
                     "DICE strength": 0.8, "DICE negative as null": False}
     parsed = logic.parse_infotext({k: str(v) for k, v in info.items()})
     assert parsed == {"mode": "DICE", "refiner": "my-ref", "refiner_hash": "abcdef1234", "strength": 0.8,
-                      "negative_as_null": False, "w": logic.DEFAULT_W}
+                      "negative_as_null": False, "w": logic.DEFAULT_W, "has_w": False, "steps": ""}
     tee = logic.infotext_params(logic.Settings(logic.MODE_TEEFUSION, w=2.0))
     assert tee == {"CFG distill": "TeEFusion", "TeEFusion w": 2.0}
     assert logic.infotext_params(logic.Settings()) == {}
     assert logic.parse_infotext({"CFG distill": "bogus"})["mode"] == logic.MODE_OFF
+
+
+def test_w_keys_are_named_after_their_mode_and_old_dice_infotexts_still_parse():
+    dice = logic.Settings(logic.MODE_DICE, "r.safetensors", 1.0, True, 6.5)
+    info = logic.infotext_params(dice, "h", refiner_takes_w=True)
+    assert info["DICE w"] == 6.5 and "TeEFusion w" not in info
+    assert logic.parse_infotext({k: str(v) for k, v in info.items()})["w"] == 6.5
+    # Written before DICE had its own key: DICE's w under "TeEFusion w".
+    old = logic.parse_infotext({"CFG distill": "DICE", "DICE refiner": "r", "TeEFusion w": "4.5"})
+    assert old["w"] == 4.5 and old["has_w"]
+    # Both keys (a DICE image whose text also carries a stray TeEFusion w): DICE's own key wins.
+    both = logic.parse_infotext({"CFG distill": "DICE", "DICE w": "3", "TeEFusion w": "9"})
+    assert both["w"] == 3.0
+    # TeEFusion reads only its own key; a mode that is off reads no w at all.
+    assert logic.parse_infotext({"CFG distill": "TeEFusion", "DICE w": "3"})["has_w"] is False
+    assert logic.parse_infotext({"CFG distill": "TeEFusion", "TeEFusion w": "3"})["w"] == 3.0
+    assert logic.parse_infotext({"TeEFusion w": "3"})["has_w"] is False
+
+
+def test_forge_and_batch_problem():
+    assert logic.forge_and_batch_problem([[0.5, 0.5]]) is None  # one image: nothing to cut
+    assert logic.forge_and_batch_problem([[1.0], [1.0]]) is None
+    assert logic.forge_and_batch_problem([[0.5, 0.5], [0.5, 0.5]]) is None
+    cut = logic.forge_and_batch_problem([[0.5, 0.5], [1.0]])
+    assert "shortest AND count" in cut and "1 of 2/1" in cut
+    weights = logic.forge_and_batch_problem([[0.3, 0.7], [0.5, 0.5]])
+    assert "last image" in weights and "0.3/0.5" in weights
+
+
+def test_applied_steps_describes_what_was_sampled():
+    a = logic.AppliedSteps()
+    assert a.describe() is None  # nothing ran
+    for step in range(4):
+        a.ran(False, step, 4, True)
+    assert a.describe() == ""  # every step: the plain claim
+    a.reset()
+    a.ran(False, 0, 4, True), a.ran(False, 1, 4, True), a.ran(False, 2, 4, False), a.ran(False, 3, 4, False)
+    assert a.describe() == "1-2 of 4"
+    a.ran(True, 0, 2, False)
+    assert a.describe() == "1-2 of 4, hires none"
+    a.reset()
+    a.ran(False, 0, 4, False)  # refused at its first step: not applied at all
+    assert a.describe() is None
+    a.reset()
+    for step in range(4):
+        a.ran(False, step, 4, True)
+    a.ran(True, 0, 3, True), a.ran(True, 1, 3, False)
+    assert a.describe() == "first pass, hires 1 of 3"
 
 
 def test_resolve_refiner():
@@ -217,3 +265,15 @@ def test_store_lists_loads_once_and_stays_inside(tmp_path):
         store.path("../../etc/passwd")
     os.utime(user / "sub" / "a.safetensors", ns=(1, 1))
     assert store.load("sub/a.safetensors") is not first, "a changed file is loaded again"
+
+
+def test_remove_note_takes_out_one_message():
+    extra = {}
+    logic.add_note(extra, "a")
+    logic.add_note(extra, "b")
+    logic.remove_note(extra, "a")
+    assert extra[logic.INFO_NOTE] == "b"
+    logic.remove_note(extra, "b")
+    assert logic.INFO_NOTE not in extra
+    logic.remove_note(extra, "c")  # nothing there: nothing happens
+    assert extra == {}

@@ -433,3 +433,134 @@ def test_refiner_folder_from_the_command_line_flag(make_webui, refiners_dir, tmp
     assert env.script_module.STORE.names() == [SD15, SDXL]
     env.shared.cmd_opts.dice_refiners_dir = None
     assert env.script_module.refiner_folder() == os.path.join(env.paths.models_path, "dice_refiners")
+
+
+# ---------------------------------------------------------------------------------------------
+# The infotext says what was sampled (issue 26); pasting it back gives the same model inputs
+
+def _pasted_args(env, infotext):
+    """The script args "send to txt2img" gives for an infotext: the host's parser and our keys
+    (the real servers run the webui's own paste function, tests/webui)."""
+    params = env.infotext_utils.parse_generation_parameters(infotext)
+    found = logic.parse_infotext(params)
+    store = env.script_module.STORE
+    name = logic.resolve_refiner(found["refiner"], found["refiner_hash"], store.names(), store.short_hash)
+    return [found["mode"], name, found["strength"], found["negative_as_null"], found["w"]]
+
+
+def _inputs(model):
+    return [(c["rows"], c["tokens"]) for c in model.inner_model.calls]
+
+
+def _same_inputs(a, b):
+    return len(a) == len(b) and all(ra == rb and ta.shape == tb.shape and torch.allclose(ta, tb, rtol=0, atol=0, equal_nan=True)
+                                    for (ra, ta), (rb, tb) in zip(a, b))
+
+
+@pytest.mark.parametrize("host", ["a1111", "forge"])
+@pytest.mark.parametrize("case", ["dice", "dice-negative", "teefusion", "no-refiner", "nan-first-step",
+                                  "nan-mid-run"])
+def test_pasted_infotext_regenerates_the_same_model_inputs(make_webui, host, case):
+    model = FakeSD1()
+    env = make_webui(host, model)
+    args, prompt = {"dice": (dice(strength=0.7, negative=False), "a fox"),
+                    "dice-negative": (dice(), "a fox"),
+                    "teefusion": (tee(w=3.0), "a fox"),
+                    "no-refiner": (dice(refiner=""), "a fox"),
+                    "nan-first-step": (dice(), "nan"),
+                    "nan-mid-run": (dice(), "[a fox:nan:0.5]")}[case]
+    p, processed = generate(env, args, prompt=prompt, negative_prompt="blurry", steps=4)
+    first = _inputs(model)
+    text = processed.infotexts[0]
+    claimed = "CFG distill: " in text
+    assert claimed == (case in ("dice", "dice-negative", "teefusion", "nan-mid-run")), text
+    if case == "nan-mid-run":
+        refined = sum(1 for _, t in first if torch.isfinite(t[:1]).all() and not torch.equal(t[:1], pos(model, "a fox")))
+        assert 0 < refined < 4
+        assert f"CFG distill steps: 1-{refined} of 4" in text, text
+        assert "could not be applied" in text
+    else:
+        assert "CFG distill steps" not in text
+
+    model.inner_model.calls.clear()
+    generate(env, _pasted_args(env, text), prompt=prompt, negative_prompt="blurry", steps=4)
+    assert _same_inputs(_inputs(model), first), "the pasted parameters sample something else"
+
+
+def test_a_refusal_at_the_first_step_claims_nothing_and_later_batches_neither(make_webui):
+    env = make_webui("a1111", FakeSD1())
+    p, processed = generate(env, dice(), prompt=["nan", "a fox"], batch_size=1, n_iter=2, steps=2)
+    for text in processed.infotexts:
+        assert "CFG distill: " not in text and "DICE refiner" not in text, text
+        assert "could not be applied" in text
+
+
+@pytest.mark.parametrize("host", ["a1111", "forge"])
+def test_hires_negative_follows_the_hosts_hires_schedule(make_webui, host):
+    """[blurry:ugly:0.5]: the hires pass counts on from the first pass (new scheduling), so its
+    negative is "ugly" at every hires step. A1111 passes its own; Forge at hires CFG 1 passes none
+    and the script encodes it with the hires pass's schedule."""
+    model = FakeSD1()
+    env = make_webui(host, model)
+    generate(env, tee(w=2.0), prompt="a red fox", negative_prompt="[blurry:ugly:0.5]", steps=4,
+             enable_hr=True, hr_second_pass_steps=3, hr_cfg=1.0)
+    calls = model.inner_model.calls
+    assert len(calls) == 7
+    c = pos(model, "a red fox")
+    blurry, ugly = fuse_tokens(c, neg(model, "blurry"), 2.0), fuse_tokens(c, neg(model, "ugly"), 2.0)
+    assert any(torch.equal(call["tokens"], blurry) for call in calls[:4]), "the first pass starts on 'blurry'"
+    assert all(torch.equal(call["tokens"], ugly) for call in calls[4:]), "hires: 'ugly' throughout"
+
+
+@pytest.mark.parametrize("host", ["a1111", "forge"])
+def test_negative_follows_old_prompt_editing_timelines(make_webui, host):
+    """opts.use_old_scheduling changes the first pass too: "[blurry:ugly:1.0]" switches after step 1
+    with the old timelines (N >= 1 is a step count) and never with the new ones (1.0 is the end)."""
+    model = FakeSD1()
+    env = make_webui(host, model)
+    env.shared.opts.data["use_old_scheduling"] = True
+    generate(env, tee(w=2.0), prompt="a red fox", negative_prompt="[blurry:ugly:1.0]", steps=4)
+    c = pos(model, "a red fox")
+    blurry, ugly = fuse_tokens(c, neg(model, "blurry"), 2.0), fuse_tokens(c, neg(model, "ugly"), 2.0)
+    calls = model.inner_model.calls
+    assert len(calls) == 4 and torch.equal(calls[0]["tokens"], blurry)
+    assert all(torch.equal(call["tokens"], ugly) for call in calls[2:])
+
+
+def test_forge_refuses_a_batch_whose_and_prompts_it_would_cut(make_webui, refiners_dir):
+    model = FakeSD1()
+    env = make_webui("forge", model)
+    prompts = ["a cat :0.5 AND a hat :0.5", "a dog", "a cat :0.5 AND a hat :0.5", "a cow :0.5 AND a bell :0.5"]
+    p, processed = generate(env, dice(negative=False), prompt=prompts, batch_size=2, n_iter=2, steps=2)
+    first, second = processed.infotexts[:2], processed.infotexts[2:]
+    for text in first:  # 2 and 1 AND parts: Forge cuts the first prompt to "a cat"
+        assert "CFG distill: " not in text and "shortest AND count" in text, text
+    for text in second:  # same count, same weights: DICE applies, and the first batch's note is gone
+        assert "CFG distill: DICE" in text and "shortest AND count" not in text, text
+    calls = model.inner_model.calls
+    assert all(torch.equal(call["tokens"][:1], pos(model, "a cat")) for call in calls[:2]), "the host's own conds"
+    assert not any(torch.equal(call["tokens"][:1], pos(model, "a cat")) for call in calls[2:]), "refined"
+
+    # What the webui writes to params.txt right after process_batch says the same.
+    model = FakeSD1()
+    env = make_webui("forge", model)
+    seen = []
+
+    class Spy(env.scripts.Script):
+        def show(self, is_img2img):
+            return env.scripts.AlwaysVisible
+
+        def process_batch(self, p, *args, **kwargs):
+            seen.append("CFG distill" in p.extra_generation_params)
+
+    runner = env.scripts.ScriptRunner([env.script_module.CfgDistillScript()])
+    runner.add(Spy(), n_args=0)
+    p = env.processing.StableDiffusionProcessingTxt2Img(scripts=runner, script_args=dice(negative=False), prompt=prompts,
+                                                        batch_size=2, n_iter=2, steps=2)
+    env.txt2img.txt2img_function(p)
+    assert seen == [False, True]
+
+    # A1111 composes each image's own subprompts: nothing to refuse.
+    env = make_webui("a1111", FakeSD1())
+    p, processed = generate(env, dice(negative=False), prompt=prompts[:2], batch_size=2, steps=2)
+    assert all("CFG distill: DICE" in text for text in processed.infotexts)

@@ -147,11 +147,14 @@ class StableDiffusionProcessing:
                required_prompts.width, required_prompts.height, steps, id(shared.sd_model))
         if cache[0] == key:
             return cache[1]
-        cache[1] = function(shared.sd_model, required_prompts, steps)
+        # Both hosts pass opts.use_old_scheduling in the first pass too (hires_steps None there).
+        cache[1] = function(shared.sd_model, required_prompts, steps, None,
+                            bool(getattr(shared.opts, "use_old_scheduling", False)))
         cache[0] = key
         return cache[1]
 
     def setup_conds(self):
+        self.firstpass_steps = self.steps
         prompts = prompt_parser.SdConditioning(self.prompts, width=self.width, height=self.height)
         negatives = prompt_parser.SdConditioning(self.negative_prompts, width=self.width, height=self.height,
                                                  is_negative_prompt=True)
@@ -204,8 +207,12 @@ class StableDiffusionProcessingTxt2Img(StableDiffusionProcessing):
                                                  height=self.hr_upscale_to_y, is_negative_prompt=True)
         steps = self.hr_second_pass_steps or self.steps
         forge = is_forge()
-        self.hr_uc = None if forge and self.hr_cfg == 1 else prompt_parser.get_learned_conditioning(shared.sd_model, negatives, steps)
-        self.hr_c = prompt_parser.get_multicond_learned_conditioning(shared.sd_model, prompts, steps)
+        # Both hosts (calculate_hr_conds): the first pass's steps, then the hires steps.
+        old = bool(getattr(shared.opts, "use_old_scheduling", False))
+        self.hr_uc = None if forge and self.hr_cfg == 1 else prompt_parser.get_learned_conditioning(
+            shared.sd_model, negatives, self.firstpass_steps, steps, old)
+        self.hr_c = prompt_parser.get_multicond_learned_conditioning(shared.sd_model, prompts, self.firstpass_steps,
+                                                                     steps, old)
         upscaled = torch.nn.functional.interpolate(samples, scale_factor=self.hr_scale)
         self.sampler = Sampler(self)
         noise = torch.zeros_like(upscaled)

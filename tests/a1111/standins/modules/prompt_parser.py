@@ -2,7 +2,9 @@
 
 - Prompt editing: "[from:to:when]" switches text at a step (when < 1 is a fraction of the steps);
   the stand-in parses this one form (no nesting, no alternation) -- enough for conds that CHANGE
-  between steps.
+  between steps. In the hires pass the host passes (first-pass steps, hires_steps): with the new
+  scheduling a fraction counts over both passes (1.0-2.0 is the hires pass), an integer counts on
+  from the first pass's steps, so "[a:b:0.5]" is "b" for the whole hires pass.
 - get_learned_conditioning(model, prompts, steps) -> per prompt a list of
   ScheduledPromptConditioning(end_at_step, cond); cond is a tensor [T, D] (SD1/2) or a dict of
   per-prompt tensors {"crossattn": [T, 2048], "vector": [2816]} (SDXL). SdConditioning carries
@@ -24,14 +26,27 @@ ScheduledPromptConditioning = namedtuple("ScheduledPromptConditioning", ["end_at
 _EDIT = re.compile(r"\[([^\[\]:]*):([^\[\]:]*):\s*([0-9.]+)\s*\]")
 
 
-def get_learned_conditioning_prompt_schedules(prompts, steps, hires_steps=None, use_old_scheduling=False):
+def get_learned_conditioning_prompt_schedules(prompts, base_steps, hires_steps=None, use_old_scheduling=False):
+    # The hires pass (hires_steps given, new scheduling): the pass has hires_steps steps and the
+    # whole run is 0..2 as a fraction (1.0-2.0 is the hires pass) or base_steps + n as a step count.
+    hires = hires_steps is not None and not use_old_scheduling
+    steps = hires_steps if hires else base_steps
+
     def schedule(prompt):
         m = _EDIT.search(prompt)
         if not m:
             return [[steps, prompt]]
-        when = float(m.group(3))
-        when = int(when * steps) if when < 1 else int(when)
+        text = m.group(3)
+        when = float(text)
+        if use_old_scheduling:
+            when = int(when * steps) if when < 1 else int(when)
+        elif "." in text:
+            when = int((when - (1.0 if hires else 0.0)) * steps)
+        else:
+            when = int(when - (base_steps if hires else 0))
         when = min(steps, when)
+        if when < 1:  # switched before this pass: the "to" side throughout
+            return [[steps, prompt[:m.start()] + m.group(2) + prompt[m.end():]]]
         before = prompt[:m.start()] + m.group(1) + prompt[m.end():]
         after = prompt[:m.start()] + m.group(2) + prompt[m.end():]
         return [[when, before], [steps, after]] if when < steps else [[steps, before]]
@@ -52,7 +67,8 @@ class SdConditioning(list):
 
 def get_learned_conditioning(model, prompts, steps, hires_steps=None, use_old_scheduling=False):
     res, cache = [], {}
-    for prompt, prompt_schedule in zip(prompts, get_learned_conditioning_prompt_schedules(prompts, steps)):
+    schedules = get_learned_conditioning_prompt_schedules(prompts, steps, hires_steps, use_old_scheduling)
+    for prompt, prompt_schedule in zip(prompts, schedules):
         if prompt in cache:
             res.append(cache[prompt])
             continue
@@ -101,7 +117,7 @@ class MulticondLearnedConditioning:
 
 def get_multicond_learned_conditioning(model, prompts, steps, hires_steps=None, use_old_scheduling=False):
     res_indexes, flat, _ = get_multicond_prompt_list(prompts)
-    learned = get_learned_conditioning(model, flat, steps)
+    learned = get_learned_conditioning(model, flat, steps, hires_steps, use_old_scheduling)
     batch = [[ComposableScheduledPromptConditioning(learned[i], w) for i, w in indexes] for indexes in res_indexes]
     return MulticondLearnedConditioning(shape=(len(prompts),), batch=batch)
 
