@@ -26,3 +26,10 @@ __all__ += [
     "load_training_state", "new_refiner", "save_training_state", "train_refiner",
     "RefinerStudent", "Student", "StudentRun", "save_student_state", "train_student",
 ]
+
+# The one training request and the one run every front door uses
+from .request import RequestError, TrainRequest
+from .run import Outcome, Reporter, run
+from .training import TrainingHooks
+
+__all__ += ["RequestError", "TrainRequest", "Outcome", "Reporter", "run", "TrainingHooks"]

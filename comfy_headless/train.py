@@ -20,6 +20,7 @@ import argparse
 import dataclasses
 import logging
 import os
+import re
 import signal
 import sys
 import time
@@ -253,9 +254,9 @@ def _run(args, request, d: "Dist", comfy_dir: str, use_cpu: bool) -> int:
     progress = Progress(d.rank == 0 and not args.no_progress, request.steps, 0, request.method.upper())
     last_status = [0.0]
 
-    def status(text: str) -> None:  # preparation can take minutes: say what it does, at most every 5 s
+    def status(text: str) -> None:  # preparation can take minutes: say what it does, counters every 5 s
         now = time.monotonic()
-        if d.rank == 0 and (now - last_status[0] >= 5 or not text.startswith("preparing")):
+        if d.rank == 0 and (now - last_status[0] >= 5 or not re.search(r"\d+/\d+", text)):
             last_status[0] = now
             log.info("%s", text)
 

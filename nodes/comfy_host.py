@@ -160,8 +160,11 @@ class ComfyTrainingHost:
         if r.images is not None and self.vae is None:
             raise RequestError("images were given without a VAE: connect the checkpoint's VAE to encode them")
         texts = r.training_prompts()
-        reporter.status(f"encoding {len(texts)} prompts")
-        encoded = encode_prompts(self.clip, texts)
+        encoded = []
+        for start in range(0, len(texts), 25):  # in chunks, so that a long list shows its progress
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            reporter.status(f"encoding prompts {start + 1}/{len(texts)}")
+            encoded += encode_prompts(self.clip, texts[start:start + 25])
         null = encode_prompts(self.clip, [""])[0]
         token_dim = null.tokens.shape[-1]
         family = family_of(self.model, token_dim)

@@ -1,8 +1,10 @@
-"""Host-independent half of the A1111 / Forge "DICE Training" tab (scripts/cfg_distill_train_tab.py).
+"""The webui as a training host for cfg_distill.run (the "DICE Training" tab and its route,
+scripts/cfg_distill_train_tab.py).
 
 The tab script only reads the webui's objects (shared.sd_model, shared.state, devices, the Forge
-UNet patcher) and hands them to this module, which builds the three callables of the core loop
-(cfg_distill.training.train_refiner) for either model path:
+UNet patcher) and hands them to this module: the tab's values become the one TrainRequest
+(TrainRequest.from_ui), and WebuiTrainingHost gives the run the three callables of the core loop for
+either model path:
 
 - A1111: `m.apply_model(x_t, t, cond)` with DDPM-scaled x_t = sqrt(acp[t]) x0 + sqrt(1 - acp[t]) n
   and an integer t in [0, 1000), returning eps or (m.parameterization == "v") v;
