@@ -162,7 +162,8 @@ class ComfyTrainingHost:
         texts = r.training_prompts()
         encoded = []
         for start in range(0, len(texts), 25):  # in chunks, so that a long list shows its progress
-            comfy.model_management.throw_exception_if_processing_interrupted()
+            if reporter.should_stop():  # Cancel / Ctrl-C before training: nothing is saved
+                raise comfy.model_management.InterruptProcessingException()
             reporter.status(f"encoding prompts {start + 1}/{len(texts)}")
             encoded += encode_prompts(self.clip, texts[start:start + 25])
         null = encode_prompts(self.clip, [""])[0]
