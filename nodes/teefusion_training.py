@@ -31,7 +31,7 @@ from ..cfg_distill.teefusion_training import (FUSION_MODULATION, FUSION_TOKENS, 
                                              lora_state_dict, save_lora,
                                              validate_w_range)
 from ..cfg_distill.training import Batch, TrainConfig, TrainingDiverged, load_training_state, train_student
-from .comfy_training import ComfyDistillHost, _stack_conditioning, encode_prompts
+from .comfy_training import ComfyDistillHost, _stack_conditioning, encode_prompts, host_training_mode
 from .teefusion_patch import TeEFusionYEmbedder, Y_EMBEDDER, apply_teefusion_patch
 from .training_node import (_NAME, DONE_EVENT, _checkpoint_hash, _fill_x0_pool, _rank, checkpoint_of, family_of,
                             final_loss, progress_reporter, send_event)
@@ -154,7 +154,7 @@ class TeEFusionLoraHost(ComfyDistillHost):
         if self.fusion == FUSION_MODULATION:
             self._y_embedder().w = batch.extra["w"]
         try:
-            with checkpointed_blocks(self.mp.model.diffusion_model, self.gradient_checkpointing):
+            with checkpointed_blocks(self.mp.model.diffusion_model, self.gradient_checkpointing), host_training_mode():
                 denoised = comfy.samplers.calc_cond_batch(self.mp.model, [cond], batch.x_t, batch.sigma,
                                                           self.mp.model_options)[0]
         finally:
