@@ -35,3 +35,25 @@ def test_requires_comfyui_is_the_tested_range():
     assert _version(m.group(1)) == oldest, f"{declared!r}: the oldest ComfyUI CI tests is {versions[0]}"
     assert _version(m.group(2)) == (newest[0], newest[1] + 1), \
         f"{declared!r}: the newest ComfyUI CI tests is {versions[-1]}, so the bound is <{newest[0]}.{newest[1] + 1}"
+
+
+def test_the_torchaudio_stand_in_imports_refuses_use_and_never_shadows_a_real_package():
+    """tools/torchaudio_cpu_shim.py (ComfyUI 0.33's CPU test venv): `import torchaudio` and its
+    submodules work where none is installed, any use raises ImportError naming the stand-in, and an
+    installed package is never replaced."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.path.insert(0, 'tools'); import torchaudio_cpu_shim as shim\n"
+        "shim.stand_in_if_missing('cfg_distill_no_such_pkg'); shim.stand_in_if_missing('json')\n"
+        "import cfg_distill_no_such_pkg.functional as F\n"
+        "from cfg_distill_no_such_pkg.transforms import MelScale\n"
+        "class Sub(MelScale): pass\n"
+        "for use in (lambda: F.resample(1, 2, 3), lambda: Sub()):\n"
+        "    try: use(); raise SystemExit('no refusal')\n"
+        "    except ImportError as e: assert 'stand-in' in str(e), e\n"
+        "import json; assert json.dumps([1]) == '[1]' and not hasattr(json, 'CFG_DISTILL_SHIM')\n"
+        "print('ok')\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
