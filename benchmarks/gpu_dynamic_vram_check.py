@@ -60,6 +60,7 @@ def main() -> int:
     opts = ap.parse_args()
 
     comfy_dir = os.path.abspath(opts.comfyui)
+    os.environ["CFG_DISTILL_COMFYUI"] = comfy_dir  # tools/comfy_env.py (used by tools/tiny_models.py)
     sys.path[:0] = [comfy_dir, ROOT]
     import torch
 
@@ -72,6 +73,11 @@ def main() -> int:
     import comfy.cli_args
 
     comfy.cli_args.args.cpu = opts.legacy_cpu
+    import tools.tiny_models
+
+    # The tiny-model builders call the tests' library-mode helper, which forces CPU; here the device
+    # is this script's to choose (ComfyUI is already on sys.path).
+    tools.tiny_models.use_comfy_library = lambda: comfy_dir
     import comfy.model_management as mm
     import comfy.memory_management
     import comfy.model_patcher
@@ -100,9 +106,9 @@ def main() -> int:
     refiner_nodes = sys.modules[PACK + ".nodes.refiner_nodes"]
     fusion_nodes = sys.modules[PACK + ".nodes.fusion_nodes"]
     teefusion_patch = sys.modules[PACK + ".nodes.teefusion_patch"]
-    training_node = sys.modules[PACK + ".nodes.training_node"]
-    teefusion_training = sys.modules[PACK + ".nodes.teefusion_training"]
+    comfy_host = sys.modules[PACK + ".nodes.comfy_host"]
     from cfg_distill import DiceRefiner, LoadedRefiner, RefinerInfo
+    from cfg_distill.request import TrainRequest
     from tools.tiny_models import build_tiny_sd3, write_tiny_sd15
 
     work = tempfile.mkdtemp(prefix="cfg-distill-gpu-")
@@ -195,31 +201,33 @@ def main() -> int:
         assert diff <= opts.tol, f"dynamic vs legacy patcher: max |diff| {diff:.3g} > {opts.tol}"
         return f"(max |dynamic - legacy| {diff:.2g})"
 
-    prompts = "\n".join(["a red fox in the snow", "a blue car on a bridge", "a bowl of fruit", "a castle at night"])
+    prompts = ["a red fox in the snow", "a blue car on a bridge", "a bowl of fruit", "a castle at night"]
+    small = dict(prompts=prompts, steps=6, batch_size=2, loss="l2", width=64, height=64, seed=0, save_every=0,
+                 x0_steps=2)
 
-    @check("Train DICE Refiner on the dynamic MODEL")
+    @check(f"Train DICE Refiner on the {want_cls.__name__} MODEL")
     def _():
-        loaded, curve = training_node.run_training(
-            model, clip, prompts, guidance_scale=5.0, steps=6, batch_size=2, learning_rate=1e-3, loss="l2",
-            width=64, height=64, seed=0, refiner_name="gpu-dynamic", save_every=0, resume=False, x0_steps=2)
+        request = TrainRequest(method="dice", name="gpu-dynamic", guidance_scale=5.0, lr=1e-3, **small)
+        out = comfy_host.train(request, model, clip, checkpoint="tiny-sd15.safetensors")
+        loaded = out.refiner
         assert os.path.isfile(os.path.join(work, "dice_refiners", "gpu-dynamic.safetensors"))
         assert all(torch.isfinite(p).all() for p in loaded.module.parameters())
         after = sample(model, pos, neg, (1, 4, 8, 8))
         assert torch.equal(after, plain), "training changed the MODEL's own output"
         assert getattr(mm, "in_training", False) is False, "the host's in_training flag was left set"
-        return f"(loss image {tuple(curve.shape)})"
+        return f"({out.step} steps, final loss {out.final_loss:.4g})"
 
-    @check("Train TeEFusion on the dynamic MODEL")
+    @check(f"Train TeEFusion on the {want_cls.__name__} MODEL")
     def _():
-        out = teefusion_training.run_teefusion_training(
-            model, clip, prompts, w_min=2.0, w_max=8.0, steps=6, batch_size=2, learning_rate=3e-4, rank=4,
-            loss="l2", width=64, height=64, seed=0, lora_name="gpu-dynamic-teefusion", save_every=0,
-            resume=False, x0_steps=2, base_checkpoint="tiny-sd15.safetensors")
+        request = TrainRequest(method="teefusion", name="gpu-dynamic-teefusion", w_min=2.0, w_max=8.0, lr=3e-4,
+                               rank=4, **small)
+        out = comfy_host.train(request, model, clip, checkpoint="tiny-sd15.safetensors")
         assert os.path.isfile(os.path.join(work, "loras", "gpu-dynamic-teefusion.safetensors"))
         after = sample(model, pos, neg, (1, 4, 8, 8))
         assert torch.equal(after, plain), "training changed the MODEL's own output"
         assert getattr(mm, "in_training", False) is False, "the host's in_training flag was left set"
-        return f"({type(out).__name__} returned)"
+        assert out.final_loss == out.final_loss, "NaN loss"
+        return f"({out.step} steps, final loss {out.final_loss:.4g})"
 
     passed = sum(ok for _, ok, _ in results)
     print(f"{passed} passed, {len(results) - passed} failed")

@@ -15,7 +15,6 @@ Prints markdown tables and writes a JSON record (machine, torch, device, dtype, 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import platform
@@ -28,7 +27,7 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
-from tools.comfy_env import use_comfy_library  # noqa: E402
+from tools.comfy_env import load_pack, use_comfy_library  # noqa: E402
 
 SAMPLER, SCHEDULER, SEED = "dpmpp_2m", "karras", 42
 PROMPT = "a red fox sitting in a snowy forest at sunrise, highly detailed"
@@ -36,13 +35,8 @@ PROMPT = "a red fox sitting in a snowy forest at sunrise, highly detailed"
 
 def load_pack():
     use_comfy_library()
-    name = "cfg_distill_pack_bench"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "__init__.py"),
-                                                      submodule_search_locations=[ROOT])
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
+    name = "cfg_distill_pack"
+    load_pack()
     return sys.modules[name + ".nodes.refiner_nodes"], sys.modules[name + ".nodes.fusion_nodes"]
 
 

@@ -35,7 +35,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HERE = os.path.dirname(os.path.abspath(__file__))
-PACK = "cfg_distill_pack_bench"
+PACK = "cfg_distill_pack"
 
 TINY_UNET = {
     "model_channels": 320, "use_linear_in_transformer": False, "transformer_depth": [1],
@@ -61,19 +61,10 @@ DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
 def _comfy(comfy_dir: str, cpu: bool):
-    if comfy_dir not in sys.path:
-        sys.path.insert(0, comfy_dir)
-    import comfy.cli_args
+    from comfy_headless import import_comfy, load_pack
 
-    comfy.cli_args.args.cpu = cpu
-    import importlib.util
-
-    if PACK not in sys.modules:
-        spec = importlib.util.spec_from_file_location(PACK, os.path.join(ROOT, "__init__.py"),
-                                                      submodule_search_locations=[ROOT])
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[PACK] = mod
-        spec.loader.exec_module(mod)
+    import_comfy(comfy_dir, cpu)
+    load_pack(PACK)
     return sys.modules[PACK + ".nodes.comfy_training"], sys.modules[PACK + ".cfg_distill.training"]
 
 

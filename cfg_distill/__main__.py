@@ -1,5 +1,13 @@
-"""Command line: `python -m cfg_distill import-official IN.pkl OUT.safetensors [--family sd15 ...]`
-and `python -m cfg_distill info FILE.safetensors`."""
+"""Command line:
+
+    python -m cfg_distill train dice --ckpt MODEL [options]        train a DICE refiner (ComfyUI library mode)
+    python -m cfg_distill train teefusion --ckpt MODEL [options]   train a TeEFusion student LoRA
+    python -m cfg_distill info FILE.safetensors                    print a refiner file's metadata
+    python -m cfg_distill import-official IN.pkl OUT.safetensors   convert an official DICE pickle safely
+
+`train`'s options are generated from the training request (cfg_distill.request); the ComfyUI side
+lives in comfy_headless/ and is imported only when training starts. Run it from the pack's folder.
+"""
 from __future__ import annotations
 
 import argparse
@@ -49,9 +57,59 @@ def _info(args) -> int:
     return 0
 
 
+def _train(args) -> int:
+    from dataclasses import replace
+
+    from comfy_headless.train import EXIT_BAD_REQUEST, main as train_main
+
+    from .request import RequestError, from_arguments
+
+    try:
+        request = from_arguments(args, args.method)
+        if getattr(args, "w_range", None):
+            lo, hi = (float(v) for v in args.w_range.split(","))
+            request = replace(request, w_min=lo, w_max=hi)
+        # The command line never replaces a saved run silently.
+        request = replace(request, overwrite=bool(args.overwrite))
+        replace(request, name=request.name or "check").validate()  # fail fast, before ComfyUI loads
+    except (RequestError, ValueError) as e:
+        print(f"error: {as_flags(str(e))}", file=sys.stderr)
+        return EXIT_BAD_REQUEST
+    return train_main(args, request)
+
+
+def as_flags(message: str) -> str:
+    """A request error in the command line's words: setting names (w_min) become flags (--w-min)."""
+    import re
+    from dataclasses import fields
+
+    from .request import TrainRequest
+
+    names = [f.name for f in fields(TrainRequest) if "_" in f.name]
+    return re.sub(r"\b(" + "|".join(names) + r")\b", lambda m: "--" + m.group(1).replace("_", "-"), message)
+
+
+def _add_train(sub) -> None:
+    from comfy_headless.train import add_host_arguments
+
+    from .request import add_arguments
+
+    train = sub.add_parser("train", help="train a DICE refiner or a TeEFusion student LoRA for a checkpoint "
+                                         "(ComfyUI's library mode; torchrun for several GPUs)")
+    methods = train.add_subparsers(dest="method", required=True)
+    helps = {"dice": "a DICE refiner: one pass at cfg 1 with refined prompt tokens reproduces CFG",
+             "teefusion": "a TeEFusion student LoRA: one pass with fused conditioning at w reproduces CFG at w"}
+    for method in ("dice", "teefusion"):
+        p = methods.add_parser(method, help=helps[method], description=helps[method])
+        add_host_arguments(p, method)
+        add_arguments(p, method)
+        p.set_defaults(func=_train)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m cfg_distill")
     sub = ap.add_subparsers(dest="cmd", required=True)
+    _add_train(sub)
     imp = sub.add_parser("import-official", help="convert an official DICE .pkl safely (no code runs); "
                          "snapshots of bf16 (accelerate mixed precision) runs included")
     imp.add_argument("input")

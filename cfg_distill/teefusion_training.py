@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from dataclasses import asdict, dataclass
 from typing import Callable
@@ -174,6 +175,25 @@ def lora_layers_from_state_dict(tensors: dict[str, torch.Tensor], shapes: dict[s
                              f"({rank}, {in_dim})")
         out[module] = (up.float().reshape(shape[0], rank), down.float().reshape(rank, in_dim))
     return out
+
+
+def read_student_lora(path: str) -> tuple[dict[str, torch.Tensor], LoraInfo]:
+    """(tensors, LoraInfo) of a student LoRA made by this pack; a clear error for anything else."""
+    from safetensors import SafetensorError, safe_open
+
+    name = os.path.basename(path)
+    if not os.path.isfile(path):
+        raise ValueError(f"LoRA {path!r} does not exist: give the path of a .safetensors student LoRA")
+    try:
+        with safe_open(path, framework="pt") as f:
+            info = LoraInfo.from_metadata(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"LoRA {name!r} is not a readable .safetensors file ({e})") from None
+    if info is None:
+        raise ValueError(f"LoRA {name!r} has no TeEFusion student metadata: only LoRAs saved by Train TeEFusion "
+                         "can be continued")
+    return tensors, info
 
 
 def save_lora(path: str, tensors: dict[str, torch.Tensor], info: LoraInfo) -> None:

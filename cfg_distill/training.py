@@ -199,6 +199,16 @@ class TrainingState:
     student: str = REFINER_KIND  # Student.kind of the run that wrote it
 
 
+@dataclass
+class TrainingHooks:
+    """What an experiment may change in a run without patching the pack (the testbed's probes):
+    on_refiner(module) sees the trainable refiner once, before the first step (e.g. to register
+    training-only forward hooks); on_batch(batch, generator) may replace each micro-batch after the
+    host drew it (draw from `generator` so that resume stays exact)."""
+    on_refiner: Callable[[torch.nn.Module], None] | None = None
+    on_batch: Callable[["Batch", torch.Generator], "Batch"] | None = None
+
+
 class Student(Protocol):
     """What the loop trains. The loop owns optimizer, RNG, saving, resume and divergence handling.
 
@@ -424,7 +434,7 @@ def _grads_flat(params: list[torch.nn.Parameter]) -> torch.Tensor:
 
 
 def _train_step(student: Student, optimizer, scaler, sample_batch, teacher, config: TrainConfig,
-                step: int, generator, amp_dtype, device) -> float:
+                step: int, generator, amp_dtype, device, on_batch=None) -> float:
     """One optimizer step over grad_accum micro-batches (and all ranks); returns the global loss."""
     optimizer.zero_grad(set_to_none=True)
     for group in optimizer.param_groups:
@@ -434,6 +444,8 @@ def _train_step(student: Student, optimizer, scaler, sample_batch, teacher, conf
     total = torch.zeros((), device=device)
     for _ in range(config.grad_accum):
         batch = sample_batch(step, generator)
+        if on_batch is not None:
+            batch = on_batch(batch, generator)
         if hasattr(student, "check_batch"):
             student.check_batch(batch)
         with amp():
@@ -478,7 +490,7 @@ def train_refiner(config: TrainConfig,
                   init: DiceRefiner | None = None,
                   should_stop: Callable[[], bool] | None = None,
                   on_step: Callable[[int, int, float, float, float], None] | None = None,
-                  info: RefinerInfo | None = None) -> TrainResult:
+                  info: RefinerInfo | None = None, hooks: TrainingHooks | None = None) -> TrainResult:
     """Distil CFG at config.guidance_scale into a DiceRefiner; see the module docstring.
 
     state_path: where the training state is written (every save_every steps, at the end, on cancel
@@ -487,6 +499,7 @@ def train_refiner(config: TrainConfig,
     should_stop() is polled before every step; on True the state is saved and the result says
     cancelled. on_step(step, total, loss, elapsed_s, eta_s) follows every step. info: refiner
     metadata (family, base model) written into the state file so it also loads as a refiner.
+    hooks: an experiment's changes to the run (TrainingHooks).
     """
     config.validate()
     if not isinstance(token_dim, int) or token_dim <= 0:
@@ -501,9 +514,12 @@ def train_refiner(config: TrainConfig,
     else:
         refiner = new_refiner(token_dim, config.inner_dim, config.heads, config.seed)
     refiner.to(device).train().requires_grad_(True)
+    if hooks is not None and hooks.on_refiner is not None:
+        hooks.on_refiner(refiner)
     run = train_student(config, RefinerStudent(refiner, student, config), sample_batch, teacher, device=device,
                         state_path=state_path, resume=resume, should_stop=should_stop, on_step=on_step,
-                        metadata=(lambda step: _refiner_state_info(refiner, config, step, info)))
+                        metadata=(lambda step: _refiner_state_info(refiner, config, step, info)),
+                        on_batch=hooks.on_batch if hooks is not None else None)
     refiner.eval().requires_grad_(False)
     return TrainResult(refiner=refiner, step=run.step, losses=run.losses, cancelled=run.cancelled,
                        state_path=run.state_path, resumed_from=run.resumed_from, config=config)
@@ -532,11 +548,13 @@ def train_student(config: TrainConfig, student: Student,
                   device: str | torch.device = "cpu", state_path: str | None = None, resume: bool = False,
                   should_stop: Callable[[], bool] | None = None,
                   on_step: Callable[[int, int, float, float, float], None] | None = None,
-                  metadata: Callable[[int], dict[str, str]] | None = None) -> StudentRun:
+                  metadata: Callable[[int], dict[str, str]] | None = None,
+                  on_batch: Callable[[Batch, torch.Generator], Batch] | None = None) -> StudentRun:
     """The loop for any Student (train_refiner's state, resume, cancel and divergence rules).
 
     The student's parameters must be on `device`, trainable and already initialised (the same on
-    every rank, or rank 0's are broadcast). metadata(step) -> extra string metadata of state files."""
+    every rank, or rank 0's are broadcast). metadata(step) -> extra string metadata of state files.
+    on_batch(batch, generator) -> batch: TrainingHooks.on_batch."""
     config.validate()
     rank, _ = _world()
     device = torch.device(device)
@@ -596,7 +614,7 @@ def train_student(config: TrainConfig, student: Student,
                 cancelled = True
                 break
             loss = _train_step(student, optimizer, scaler, sample_batch, teacher, config,
-                               step, generator, amp_dtype, device)
+                               step, generator, amp_dtype, device, on_batch)
             step += 1
             losses.append(loss)
             rng_now = _rng_snapshot(generator)

@@ -6,8 +6,7 @@ from . import routes  # noqa: F401  (GET /cfg_distill/refiner_info for the UI; r
 from .fusion_nodes import TeEFusionConditioning, TeEFusionModelPatch
 from .evaluate_node import EvaluateDiceRefiner
 from .refiner_nodes import ApplyDiceRefiner, LoadDiceRefiner
-from .training_node import TrainDiceRefiner
-from .teefusion_training import TrainTeEFusion
+from .training_node import TrainDiceRefiner, TrainTeEFusion
 
 folders.register()
 

@@ -153,8 +153,8 @@ def train_from_tab(prompts, guidance_scale, steps, batch_size, lr, loss, resolut
 
 
 def run_training(prompts, guidance_scale, steps, batch_size, lr, loss, resolution, seed, name, save_every,
-                 resume, eval_prompts=None, negative_prompts="",
-                 negative_share=wt.DEFAULT_NEGATIVE_SHARE) -> wt.TrainOutcome:
+                 resume, eval_prompts=None, negative_prompts="", negative_share=wt.DEFAULT_NEGATIVE_SHARE,
+                 grad_accum=wt.DEFAULT_GRAD_ACCUM, w_min=0.0, w_max=0.0) -> wt.TrainOutcome:
     """One training run on the loaded checkpoint (the caller holds the queue lock)."""
     state = shared.state
     PROGRESS.reset()
@@ -163,7 +163,8 @@ def run_training(prompts, guidance_scale, steps, batch_size, lr, loss, resolutio
     state.textinfo = "Preparing DICE training..."
     try:
         request = wt.TrainRequest.from_ui(prompts, guidance_scale, steps, batch_size, lr, loss, resolution, seed,
-                                          name, save_every, resume, negative_prompts, negative_share)
+                                          name, save_every, resume, negative_prompts, negative_share, grad_accum,
+                                          w_min, w_max)
         model = _loaded_model()
         if model is None:
             raise wt.TrainTabError("no checkpoint is loaded: pick one at the top of the page first")
@@ -182,9 +183,7 @@ def run_training(prompts, guidance_scale, steps, batch_size, lr, loss, resolutio
         state.job_no = step
         on_status(wt.progress_text(step, total, loss_value, eta))
 
-    print(f"[cfg-distill] training DICE refiner {request.name!r}: {request.steps} steps, batch "
-          f"{request.batch_size}, w {request.guidance_scale:g}, {len(request.prompts)} prompts, "
-          f"{len(request.negative_prompts)} negatives")
+    print(f"[cfg-distill] training {request.settings_line()}")
     outcome = wt.train_in_webui(request, host_model, folder=refiner_folder(),
                                 should_stop=lambda: bool(state.interrupted), on_step=on_step, on_status=on_status,
                                 base_checkpoint=checkpoint, base_hash=short_hash, eval_prompts=eval_prompts)
@@ -292,7 +291,8 @@ _API_FIELDS = {"prompts": "", "guidance_scale": wt.DEFAULT_GUIDANCE, "steps": wt
                "batch_size": wt.DEFAULT_BATCH, "lr": wt.DEFAULT_LR, "loss": wt.DEFAULT_LOSS,
                "resolution": wt.DEFAULT_RESOLUTION, "seed": 0, "name": wt.DEFAULT_NAME,
                "save_every": wt.DEFAULT_SAVE_EVERY, "resume": False, "negative_prompts": "",
-               "negative_share": wt.DEFAULT_NEGATIVE_SHARE}
+               "negative_share": wt.DEFAULT_NEGATIVE_SHARE, "grad_accum": wt.DEFAULT_GRAD_ACCUM, "w_min": 0.0,
+               "w_max": 0.0}
 
 
 def train_api(body: dict) -> dict:

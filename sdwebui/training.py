@@ -25,10 +25,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-import os
-import re
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -37,26 +34,26 @@ import torch
 from cfg_distill.families import FAMILIES
 from cfg_distill.fusion import repeat_to_length
 from cfg_distill.plot import loss_curve_image
-from cfg_distill.prompts import default_prompts
-from cfg_distill.refiner_file import RefinerFileError, RefinerInfo, read_refiner_info, save_refiner
-from cfg_distill.training import (Batch, GapReport, TrainConfig, TrainingDiverged, TrainingStateError, TrainResult,
-                       cfg_target, evaluate_gap, train_refiner)
+from cfg_distill.prompts import default_prompts  # noqa: F401  (the tab counts the bundled prompts)
+from cfg_distill.request import RequestError, TrainRequest as CoreRequest
+from cfg_distill.run import Reporter, duration as _duration, run
+from cfg_distill.training import Batch, GapReport, TrainingDiverged, TrainingStateError, cfg_target, evaluate_gap
 
-DEFAULT_GUIDANCE = 5.0
-DEFAULT_STEPS = 2000
-DEFAULT_BATCH = 4
-DEFAULT_LR = 2e-4
-DEFAULT_LOSS = "l2"
-DEFAULT_RESOLUTION = 512
-DEFAULT_SAVE_EVERY = 200
-DEFAULT_NAME = "my_dice_refiner"
-DEFAULT_NEGATIVE_SHARE = 0.5  # of samples trained with a negative, when negatives are given (testbed: 0.5)
-X0_STEPS = 8  # Euler CFG steps per training latent when no images are given
-STATE_SUFFIX = ".dice-train-state"  # not .safetensors: never offered as a refiner in the dropdown
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._ -]{0,120}$")
+_D = CoreRequest.defaults("dice")  # the one set of defaults every front door shares
+DEFAULT_GUIDANCE = _D["guidance_scale"]
+DEFAULT_STEPS = _D["steps"]
+DEFAULT_BATCH = _D["batch_size"]
+DEFAULT_GRAD_ACCUM = _D["grad_accum"]
+DEFAULT_LR = _D["lr"]
+DEFAULT_LOSS = _D["loss"]
+DEFAULT_RESOLUTION = _D["width"]
+DEFAULT_SAVE_EVERY = _D["save_every"]
+DEFAULT_NAME = _D["name"]
+DEFAULT_NEGATIVE_SHARE = _D["negative_share"]
+X0_STEPS = _D["x0_steps"]  # Euler CFG steps per training latent when no images are given
 
 
-class TrainTabError(ValueError):
+class TrainTabError(RequestError):
     """A setting or a model the tab cannot train with; the message says what to do instead."""
 
 
@@ -81,80 +78,32 @@ def _integer(value, what: str, minimum: int) -> int:
     return int(v)
 
 
-def refiner_file_name(raw) -> str:
-    """The refiner's name as typed: a plain file name in the refiner folder, without extension."""
-    name = str(raw or "").strip()
-    if name.lower().endswith(".safetensors"):
-        name = name[: -len(".safetensors")].rstrip()
-    if not _NAME.match(name):
-        raise TrainTabError(f"refiner name {raw!r} is not a plain file name: use letters, digits, '.', '_', '-' "
-                            "or spaces, starting with a letter or digit (no folders); it is saved as "
-                            "<name>.safetensors in the refiner folder")
-    return name
-
-
-def parse_prompts(text) -> list[str]:
-    """One prompt per line; blank lines and lines starting with # are ignored. Empty: the bundled list."""
-    lines = [line.strip() for line in str(text or "").splitlines()]
-    prompts = [line for line in lines if line and not line.startswith("#")]
-    return prompts or default_prompts()
-
-
-@dataclass
-class TrainRequest:
-    """What the user asked for in the tab, validated."""
-    prompts: list[str]
-    guidance_scale: float = DEFAULT_GUIDANCE
-    steps: int = DEFAULT_STEPS
-    batch_size: int = DEFAULT_BATCH
-    lr: float = DEFAULT_LR
-    loss: str = DEFAULT_LOSS
-    resolution: int = DEFAULT_RESOLUTION
-    seed: int = 0
-    name: str = DEFAULT_NAME
-    save_every: int = DEFAULT_SAVE_EVERY
-    resume: bool = False
-    x0_steps: int = X0_STEPS
-    used_default_prompts: bool = False
-    lr_schedule: str = "cosine"  # as the node's and the headless trainer's default (README: training defaults)
-    # Negatives to train with (the teacher: CFG with that negative), so the refiner works with a
-    # negative prompt; empty: "" only, as before.
-    negative_prompts: list[str] = field(default_factory=list)
-    negative_share: float = DEFAULT_NEGATIVE_SHARE
+class TrainRequest(CoreRequest):
+    """The core's training request, as the tab fills it (one resolution for width and height)."""
 
     @classmethod
     def from_ui(cls, prompts, guidance_scale, steps, batch_size, lr, loss, resolution, seed, name, save_every,
-                resume, negative_prompts="", negative_share=DEFAULT_NEGATIVE_SHARE) -> "TrainRequest":
-        w = _number(guidance_scale, "guidance scale")
-        if not 1.0 <= w <= 30.0:
-            raise TrainTabError(f"guidance scale must be between 1 and 30 (the paper uses 5), got {w:g}")
-        lr_value = _number(lr, "learning rate")
-        if lr_value <= 0:
-            raise TrainTabError(f"learning rate must be > 0, e.g. 2e-4 (got {lr!r})")
-        loss = str(loss or DEFAULT_LOSS).strip().lower()
-        if loss not in ("l1", "l2"):
-            raise TrainTabError(f"loss must be l1 or l2 (got {loss!r})")
+                resume, negative_prompts="", negative_share=DEFAULT_NEGATIVE_SHARE, grad_accum=DEFAULT_GRAD_ACCUM,
+                w_min=0.0, w_max=0.0) -> "TrainRequest":
+        """The tab's (or the route's) values, checked; TrainTabError names what is wrong."""
         res = _integer(resolution, "resolution", 64)
-        if res % 8 or res > 4096:
-            raise TrainTabError(f"resolution must be a multiple of 8 between 64 and 4096 (got {res})")
-        texts = parse_prompts(prompts)
-        share = _number(negative_share, "negative share")
-        if not 0.0 <= share <= 1.0:
-            raise TrainTabError(f"negative share must be between 0 and 1, e.g. 0.5 (got {share:g})")
-        negatives = [line.strip() for line in str(negative_prompts or "").splitlines()]
-        negatives = [line for line in negatives if line and not line.startswith("#")]
-        return cls(prompts=texts, guidance_scale=w, steps=_integer(steps, "steps", 1),
-                   batch_size=_integer(batch_size, "batch size", 1), lr=lr_value, loss=loss, resolution=res,
-                   seed=_integer(seed, "seed", 0), name=refiner_file_name(name),
-                   save_every=_integer(save_every, "save every", 0), resume=bool(resume),
-                   used_default_prompts=not str(prompts or "").strip(), negative_prompts=negatives,
-                   negative_share=share if negatives else 0.0)
+        try:
+            return cls(method="dice", prompts=str(prompts or ""), guidance_scale=_number(guidance_scale, "guidance scale"),
+                       steps=_integer(steps, "steps", 1), batch_size=_integer(batch_size, "batch size", 1),
+                       grad_accum=_integer(grad_accum, "grad accum", 1), lr=_number(lr, "learning rate"),
+                       loss=str(loss or DEFAULT_LOSS).strip().lower(), width=res, height=res,
+                       seed=_integer(seed, "seed", 0), name=name, save_every=_integer(save_every, "save every", 0),
+                       resume=bool(resume), negative_prompts=str(negative_prompts or ""),
+                       negative_share=_number(negative_share, "negative share"), w_min=_number(w_min, "w min"),
+                       w_max=_number(w_max, "w max")).validate()
+        except TrainTabError:
+            raise
+        except RequestError as e:
+            raise TrainTabError(str(e)) from None
 
-    def config(self, autocast: str | None, family: str) -> TrainConfig:
-        return TrainConfig(guidance_scale=self.guidance_scale, steps=self.steps, batch_size=self.batch_size,
-                           lr=self.lr, loss=self.loss, seed=self.seed, save_every=self.save_every,
-                           lr_schedule=self.lr_schedule, autocast=autocast,
-                           keep_first_token=FAMILIES[family].keep_first_token).validate()
+    @property
+    def resolution(self) -> int:
+        return self.width
 
 
 def training_autocast(device, weight_dtype) -> str | None:
@@ -163,10 +112,6 @@ def training_autocast(device, weight_dtype) -> str | None:
     if torch.device(device).type != "cuda":
         return None
     return {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(weight_dtype)
-
-
-def state_path_for(folder: str, name: str) -> str:
-    return os.path.join(folder, name + STATE_SUFFIX)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -401,7 +346,8 @@ class WebuiDistillHost:
     """Training latents, encodings and the three callables of train_refiner for one webui model."""
 
     def __init__(self, model: WebuiModel, prompts: Sequence[Encoded], null: Encoded, guidance_scale: float,
-                 batch_size: int, negatives: Sequence[Encoded] = (), negative_share: float = 0.0):
+                 batch_size: int, negatives: Sequence[Encoded] = (), negative_share: float = 0.0,
+                 w_input: dict | None = None):
         if not prompts:
             raise TrainTabError("no prompts to train on")
         if negative_share and not negatives:
@@ -411,6 +357,9 @@ class WebuiDistillHost:
         # With probability negative_share a sample's second input is a negative prompt (drawn
         # uniformly) instead of "", and the teacher is CFG with that negative.
         self.negatives, self.negative_share = list(negatives), float(negative_share)
+        # One refiner for a range of w (RefinerInfo.w_input): w drawn per sample, the teacher is CFG at that
+        # sample's w and the refiner reads it through its input.
+        self.w_input = w_input
         self.device = self.denoiser.device
         self.x0: list[torch.Tensor] = []  # [1, C, h, w] each, on the CPU; x0[i] belongs to prompt i
 
@@ -455,12 +404,17 @@ class WebuiDistillHost:
             uc, uc_vector = stack_tokens([self.negatives[j] if p else self.null
                                           for p, j in zip(pick.tolist(), which)])
             extra["uc"] = Encoded(uc.to(self.device), None if uc_vector is None else uc_vector.to(self.device))
+        if self.w_input:  # drawn last, so runs without it keep their exact random stream
+            lo, hi = self.w_input["range"]
+            w = torch.rand(self.batch_size, generator=g) * (hi - lo) + lo
+            extra["w"] = w.view(-1, 1, 1, 1).to(self.device)
+            extra["w_amount"] = (self.w_input["scale"] * (w - self.w_input["ref"])).to(self.device)
         return Batch(x_t=x_t.to(self.device), sigma=t.to(self.device), c=tokens.to(self.device),
                      uc=uc.to(self.device), extra=extra)
 
     def teacher(self, batch: Batch) -> torch.Tensor:
         return cfg_eps(self.denoiser, batch.x_t, batch.sigma, batch.c, batch.extra["vector"],
-                       batch.extra.get("uc", self.null), self.w, self.model.host_autocast)
+                       batch.extra.get("uc", self.null), batch.extra.get("w", self.w), self.model.host_autocast)
 
     def student(self, batch: Batch, refined_c: torch.Tensor) -> torch.Tensor:
         with self.model.host_autocast():
@@ -505,37 +459,69 @@ class TrainOutcome:
         return (np.clip(loss_curve_image(self.losses), 0, 1) * 255).round().astype(np.uint8)
 
 
-def _duration(seconds: float) -> str:
-    seconds = max(0, int(round(seconds)))
-    h, rest = divmod(seconds, 3600)
-    m, s = divmod(rest, 60)
-    return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
-
-
 def progress_text(step: int, total: int, loss: float, eta_s: float) -> str:
     return f"step {step}/{total} loss {loss:.4g} eta {_duration(eta_s)}"
 
 
-def _check_resume(state_path: str, request: TrainRequest, family: str, base_hash: str) -> int | None:
-    """The saved step of a run that may be resumed; refuses a run made for another w or checkpoint."""
-    if not (request.resume and os.path.exists(state_path)):
-        return None
-    try:
-        saved = read_refiner_info(state_path)
-    except RefinerFileError as e:
-        raise TrainTabError(f"cannot resume {request.name!r}: {e}") from None
-    if saved.guidance_scale is not None and not math.isclose(saved.guidance_scale, request.guidance_scale):
-        raise TrainTabError(f"cannot resume {request.name!r}: it was trained at guidance scale "
-                            f"{saved.guidance_scale:g}, this run asks for {request.guidance_scale:g}. Set it back "
-                            f"to {saved.guidance_scale:g}, or untick Resume / pick a new name to start over.")
-    if saved.base_family not in ("unknown", family):
-        raise TrainTabError(f"cannot resume {request.name!r}: it was trained for a {saved.base_family} checkpoint, "
-                            f"the loaded one is {family}. Load that checkpoint, or pick a new name.")
-    if saved.base_hash and base_hash and saved.base_hash != base_hash:
-        raise TrainTabError(f"cannot resume {request.name!r}: it was trained on checkpoint "
-                            f"{saved.base_checkpoint or '?'} [{saved.base_hash}], the loaded one is [{base_hash}]. "
-                            "Load that checkpoint, or pick a new name.")
-    return saved.train_steps or 0
+class WebuiTrainingHost:
+    """The loaded webui checkpoint as cfg_distill.run's host (DICE refiners only)."""
+
+    def __init__(self, model: WebuiModel, folder: str, checkpoint: tuple[str, str] = ("", "")):
+        self.model, self._folder, self.ckpt = model, folder, checkpoint
+
+    def folder(self, kind: str) -> str:
+        return self._folder
+
+    def checkpoint(self) -> tuple[str, str]:
+        return self.ckpt
+
+    def is_interrupt(self, error: BaseException) -> bool:
+        return False  # the webui's Interrupt is a flag (should_stop), never an exception
+
+    def prepare(self, r: CoreRequest, start, reporter: Reporter):
+        if r.method != "dice":
+            raise TrainTabError("the webui tab trains DICE refiners; train TeEFusion students in ComfyUI or with "
+                                "python -m cfg_distill train teefusion")
+        model = self.model
+        reporter.status("Encoding the prompts...")
+        with torch.no_grad():
+            empty = model.encode([""])
+        family = family_of_cond(empty)
+        null = split_cond(empty, model.denoiser.device)[0]  # the real "" encoding (DICE's null)
+        prompts = encode_prompts(model, r.training_prompts())
+        negatives = encode_prompts(model, r.negative_prompts)
+        if model.load is not None:
+            model.load()
+        freeze = frozen(*model.freeze)
+        freeze.__enter__()
+        try:
+            session = WebuiDistillHost(model, prompts, null, r.guidance_scale, r.batch_size, negatives,
+                                       r.negative_share_used, r.w_input())
+            session.family, session.token_dim = family, null.tokens.shape[-1]
+            session.cleanup = lambda: freeze.__exit__(None, None, None)
+            if not _latents(session, model, r, reporter.should_stop, reporter.status):
+                session.cleanup()
+                return None
+        except BaseException:
+            freeze.__exit__(None, None, None)
+            raise
+        return session
+
+
+class _TabReporter(Reporter):
+    def __init__(self, should_stop, on_step, on_status):
+        self._stop, self._step, self._status = should_stop, on_step, on_status
+
+    def should_stop(self) -> bool:
+        return bool(self._stop()) if self._stop is not None else False
+
+    def status(self, text: str) -> None:
+        if self._status is not None:
+            self._status(text)
+
+    def step(self, step, total, loss, elapsed, eta) -> None:
+        if self._step is not None:
+            self._step(step, total, loss, elapsed, eta)
 
 
 def train_in_webui(request: TrainRequest, model: WebuiModel, *, folder: str,
@@ -544,72 +530,45 @@ def train_in_webui(request: TrainRequest, model: WebuiModel, *, folder: str,
                    on_status: Callable[[str], None] | None = None,
                    base_checkpoint: str = "", base_hash: str = "",
                    eval_prompts: Sequence[str] | None = None, eval_batches: int = 4) -> TrainOutcome:
-    """Encode, make the training latents, train (resumable, interruptible) and save the refiner.
+    """Encode, make the training latents, train (resumable, interruptible) and save the refiner:
+    cfg_distill.run with the webui as the host.
 
     should_stop() is polled while latents are made and before every step: a stop during training
     saves what was learned (refiner and state); a stop before training saves nothing. Errors the
     user can fix come back as a not-ok outcome with the message; anything else propagates.
     eval_prompts: held-out prompts on which the trained refiner's gap to CFG is measured (outcome.gap)."""
-    status = on_status or (lambda text: None)
-    path = os.path.join(folder, request.name + ".safetensors")
-    state_path = state_path_for(folder, request.name)
-    had_state = os.path.exists(state_path)
+    request = replace(request, autocast=model.autocast or "none")
+    host = WebuiTrainingHost(model, folder, (base_checkpoint, base_hash))
     try:
-        with torch.inference_mode(False):
-            status("Encoding the prompts...")
-            with torch.no_grad():
-                empty = model.encode([""])
-            family = family_of_cond(empty)
-            null = split_cond(empty, model.denoiser.device)[0]  # the real "" encoding (DICE's null)
-            resumed_at = _check_resume(state_path, request, family, base_hash)
-            try:
-                config = request.config(model.autocast, family)
-            except ValueError as e:
-                raise TrainTabError(str(e)) from None
-            prompts = encode_prompts(model, request.prompts)
-            negatives = encode_prompts(model, request.negative_prompts)
-            trained_with_negatives = bool(negatives) and request.negative_share > 0
-            token_dim = null.tokens.shape[-1]
-            if model.load is not None:
-                model.load()
-            with frozen(*model.freeze), torch.enable_grad():
-                host = WebuiDistillHost(model, prompts, null, request.guidance_scale, request.batch_size,
-                                        negatives, request.negative_share if negatives else 0.0)
-                if not _latents(host, model, request, should_stop, status):
-                    return TrainOutcome(False, "Interrupted while making the training latents: nothing was "
-                                               "trained or saved.", cancelled=True, total=request.steps,
-                                        family=family)
-                status(f"Training: step {resumed_at or 0}/{request.steps}")
-                info = RefinerInfo(token_dim, config.inner_dim, config.heads, base_family=family,
-                                   base_checkpoint=base_checkpoint, base_hash=base_hash,
-                                   guidance_scale=request.guidance_scale, keep_first_token=config.keep_first_token,
-                                   negatives=trained_with_negatives)
-                started = time.monotonic()
-                result = train_refiner(config, host.sample_batch, host.teacher, host.student, token_dim=token_dim,
-                                       device=host.device, state_path=state_path, resume=request.resume,
-                                       should_stop=should_stop, on_step=on_step, info=info)
-                gap = None
-                if eval_prompts:
-                    status("Measuring the held-out gap...")
-                    gap = held_out_gap(model, result.refiner, eval_prompts, null, request, config, eval_batches)
-    except (TrainTabError, TrainingStateError) as e:
+        out = run(request, host, _TabReporter(should_stop, on_step, on_status))
+        if out.path is None:
+            return TrainOutcome(False, "Interrupted while making the training latents: nothing was trained or saved.",
+                                cancelled=True, total=request.steps)
+        gap = None
+        if eval_prompts:
+            if on_status is not None:
+                on_status("Measuring the held-out gap...")
+            with torch.inference_mode(False), frozen(*model.freeze):
+                with torch.no_grad():
+                    empty = model.encode([""])
+                null = split_cond(empty, model.denoiser.device)[0]
+                gap = held_out_gap(model, out.refiner.module, eval_prompts, null, out.request, eval_batches)
+    except (RequestError, TrainingStateError) as e:
         return TrainOutcome(False, str(e), total=request.steps)
     except TrainingDiverged as e:
         return TrainOutcome(False, f"{e} The refiner file was not changed.", total=request.steps)
-    refiner = result.refiner.cpu().eval().requires_grad_(False)
-    save_refiner(path, refiner, result.info(base_family=family, base_checkpoint=base_checkpoint,
-                                            base_hash=base_hash, negatives=trained_with_negatives))
-    message = _summary(request, result, path, state_path, time.monotonic() - started, resumed_at, had_state)
+    message = out.message + ("\nUse it in txt2img / img2img: CFG distill -> DICE, pick the refiner (refresh the "
+                             "list), CFG scale 1.")
     if gap is not None:
         message += (f"\nHeld-out gap to CFG w={request.guidance_scale:g} on {len(eval_prompts)} prompts: refined "
                     f"{gap.refined:.4g} vs plain cfg 1 {gap.baseline:.4g} (ratio {gap.ratio:.3f}).")
-    return TrainOutcome(True, message,
-                        losses=list(result.losses), step=result.step, total=request.steps,
-                        cancelled=result.cancelled, path=path, state_path=state_path, family=family, gap=gap)
+    return TrainOutcome(True, message, losses=list(out.losses), step=out.step, total=request.steps,
+                        cancelled=out.cancelled, path=out.path, state_path=out.state_path, family=out.family,
+                        gap=gap)
 
 
-def held_out_gap(model: WebuiModel, refiner, prompts: Sequence[str], null: Encoded, request: TrainRequest,
-                 config: TrainConfig, batches: int) -> GapReport:
+def held_out_gap(model: WebuiModel, refiner, prompts: Sequence[str], null: Encoded, request: CoreRequest,
+                 batches: int) -> GapReport:
     """The refined one-pass eps against the CFG target, and plain cfg 1 against it, on noised
     latents of prompts not trained on (their latents from the model itself, a fixed seed)."""
     with torch.no_grad():
@@ -619,15 +578,17 @@ def held_out_gap(model: WebuiModel, refiner, prompts: Sequence[str], null: Encod
         host.make_latents(len(host.prompts), hw, request.seed + 10_000, request.x0_steps)
         g = torch.Generator().manual_seed(request.seed + 20_000)
         data = [host.sample_batch(k, g) for k in range(batches)]
+    family = "sdxl" if null.vector is not None else "sd15"
     return evaluate_gap(refiner.to(host.device), data, host.teacher, host.student, loss=request.loss,
-                        keep_first_token=config.keep_first_token)
+                        keep_first_token=FAMILIES[family].keep_first_token)
 
 
-def _latents(host: WebuiDistillHost, model: WebuiModel, request: TrainRequest, should_stop, status) -> bool:
+def _latents(host: WebuiDistillHost, model: WebuiModel, request: CoreRequest, should_stop, status) -> bool:
     """One training latent per prompt that the run can reach (cached between runs)."""
-    count = min(len(request.prompts), request.steps * request.batch_size)
+    prompts = request.training_prompts()
+    count = min(len(prompts), request.steps * request.batch_size * request.grad_accum)
     hw = (request.resolution // 8, request.resolution // 8)
-    key = (model.key, tuple(request.prompts[:count]), hw, request.seed, request.guidance_scale, request.x0_steps,
+    key = (model.key, tuple(prompts[:count]), hw, request.seed, request.guidance_scale, request.x0_steps,
            model.latent_channels)
     cached = _LATENT_CACHE.get("key") == key and model.key is not None
     if cached:
@@ -643,31 +604,3 @@ def _latents(host: WebuiDistillHost, model: WebuiModel, request: TrainRequest, s
     _LATENT_CACHE.clear()
     _LATENT_CACHE.update(key=key, x0=list(host.x0))
     return True
-
-
-def _summary(request: TrainRequest, result: TrainResult, path: str, state_path: str, seconds: float,
-             resumed_at: int | None, had_state: bool) -> str:
-    name = os.path.basename(path)
-    final = float(np.mean(result.losses[-10:])) if result.losses else float("nan")
-    lines = []
-    if result.cancelled:
-        lines.append(f"Interrupted at step {result.step}/{request.steps}: saved what was learned to {name}.")
-    elif resumed_at is not None and result.step <= resumed_at:
-        lines.append(f"{request.name!r} was already trained for {resumed_at} steps (>= {request.steps}): nothing to "
-                     f"do; raise Steps to train further. Saved {name}.")
-    else:
-        lines.append(f"Done: {result.step}/{request.steps} steps, saved {name}.")
-    if resumed_at is not None:
-        lines.append(f"Resumed from step {resumed_at}.")
-    elif request.resume:
-        lines.append(f"No saved run named {request.name!r} was found: started from scratch.")
-    elif had_state:
-        lines.append(f"Started a new run: the earlier training state of {request.name!r} was replaced "
-                     "(tick Resume to continue a run instead).")
-    lines.append(f"Final loss (mean of the last 10 steps) {final:.4g}; trained in {_duration(seconds)}.")
-    lines.append(f"Folder: {os.path.dirname(path)}. Training state: {os.path.basename(state_path)} "
-                 f"(tick Resume with the same name to continue).")
-    if request.used_default_prompts:
-        lines.append(f"Prompts: the bundled list of {len(request.prompts)}.")
-    lines.append("Use it in txt2img / img2img: CFG distill -> DICE, pick the refiner (refresh the list), CFG scale 1.")
-    return "\n".join(lines)

@@ -51,10 +51,9 @@ def load_pack():
     comfy_library()
     import nodes  # noqa: F401  ComfyUI's nodes.py must be imported before the pack's `nodes` package
 
-    sys.path.insert(0, ROOT)
-    import train_dice_refiner
+    from comfy_headless import load_pack as load
 
-    return train_dice_refiner.import_pack()
+    return load()
 
 
 class Runner:

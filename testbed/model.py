@@ -39,9 +39,14 @@ ZERO_INIT = (".out_layers.3.", ".proj_out.", "out.2.")  # residual branches / ou
 
 
 def comfy_library():
-    from tools.comfy_env import use_comfy_library
+    """ComfyUI in library mode on the CPU: $COMFYUI_DIR, else the checkout's development tree."""
+    import sys
 
-    return use_comfy_library()
+    from comfy_headless import find_comfyui, import_comfy
+
+    if "comfy.cli_args" in sys.modules:  # already imported (a test session, the bench)
+        return os.path.dirname(os.path.dirname(sys.modules["comfy.cli_args"].__file__))
+    return import_comfy(find_comfyui(None), cpu=True)
 
 
 def build_sd15_model():

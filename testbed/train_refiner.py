@@ -156,10 +156,9 @@ def main(argv=None) -> int:
     import comfy.sd
     import folder_paths
 
-    training_node = sys.modules[pack.__name__ + ".nodes.training_node"]
+    comfy_host = sys.modules[pack.__name__ + ".nodes.comfy_host"]
     folders = sys.modules[pack.__name__ + ".nodes.folders"]
-    if args.w_input_scale is not None:  # an ablation knob; the file records the scale it was trained with
-        training_node.W_INPUT_SCALE = args.w_input_scale
+    TrainRequest = sys.modules[pack.__name__ + ".cfg_distill.request"].TrainRequest
     os.makedirs(args.work, exist_ok=True)
     folder_paths.add_model_folder_path(folders.FOLDER, args.work, is_default=True)
     ckpt = assemble(args.ckpt_dir, args.weights, force=args.weights != WEIGHTS_DIR)
@@ -178,19 +177,17 @@ def main(argv=None) -> int:
             print(f"[{time.strftime('%H:%M:%S')}] step {step}/{total} loss {loss:.4g} eta {eta:.0f}s", flush=True)
 
     name = os.path.splitext(os.path.basename(args.out))[0]
-    add_regularisers(args, sys.modules[pack.__name__ + ".cfg_distill.refiner"].DiceRefiner,
-                     sys.modules[pack.__name__ + ".nodes.comfy_training"].ComfyDistillHost)
-    init = _initial_refiner(pack, args, clip)
-    loaded, _curve = training_node.run_training(
-        model, clip, "\n".join(prompts), args.guidance_scale, args.steps, args.batch_size, args.lr, args.loss,
-        data.SIZE, data.SIZE, args.seed, name, 100, args.resume, images=images, vae=vae,
-        base_checkpoint=os.path.basename(ckpt), should_stop=lambda: False, on_step=on_step,
-        percent_range=percent_range, negative_prompts="\n".join(training_negatives(args.seed + 23, args.full_negatives)),
-        negative_share=args.negative_share,
-        init=init,
-        lr_schedule=args.lr_schedule,
-        w_range=tuple(float(v) for v in args.w_range.split(",")) if args.w_range else None,
-        trajectories=_trajectories(pack, args), one_level_per_batch=args.one_level_per_batch)
+    w_range = tuple(float(v) for v in args.w_range.split(",")) if args.w_range else (0.0, 0.0)
+    request = TrainRequest(
+        method="dice", name=name, prompts=prompts, guidance_scale=args.guidance_scale, steps=args.steps,
+        batch_size=args.batch_size, grad_accum=1, lr=args.lr, loss=args.loss, width=data.SIZE, height=data.SIZE,
+        seed=args.seed, save_every=100, resume=args.resume, images=images, lr_schedule=args.lr_schedule,
+        negative_prompts=training_negatives(args.seed + 23, args.full_negatives), negative_share=args.negative_share,
+        w_min=w_range[0], w_max=w_range[1], w_input_scale=args.w_input_scale, percent_range=percent_range,
+        one_level_per_batch=args.one_level_per_batch, start_from=args.init or "", inner_dim=args.inner_dim or 512)
+    out = comfy_host.train(request, model, clip, vae, checkpoint=os.path.basename(ckpt), on_step=on_step,
+                           trajectories=_trajectories(pack, args), hooks=regularisers(args))
+    loaded = out.refiner
     seconds = time.monotonic() - started
     src = os.path.join(args.work, f"{name}.safetensors")
     # Commit as float16 (half the size); the loader computes in float32 either way.
@@ -240,23 +237,20 @@ def _trajectories(pack, args):
                                  sampler=sampler, scheduler=scheduler, student=student)
 
 
-def add_regularisers(args, refiner_class, host) -> None:
-    """Probes for how the refiner generalises to unseen combinations (RESULTS_dice round 8), for this
-    training process only: hooks on every refiner built from now on (the trainer trains a copy of
-    --init; the hooks act in training mode only), and a wrapper around the host class's batches."""
+def regularisers(args):
+    """Probes for how the refiner generalises to unseen combinations (RESULTS_dice round 8), as the
+    engine's hooks (cfg_distill.training.TrainingHooks): training-only forward hooks on the refiner the
+    run trains, and spliced prompt tokens in its batches. None when no probe is asked for."""
+    if not (args.query_noise or args.hidden_dropout or args.splice_share):
+        return None
+    from cfg_distill.training import TrainingHooks  # the engine calls its two fields, nothing else
+
+    hooks = TrainingHooks()
     if args.query_noise or args.hidden_dropout:
-        build = refiner_class.__init__
-
-        def build_with_hooks(self, *a, **kw):
-            build(self, *a, **kw)
-            _hook(self, args)
-        refiner_class.__init__ = build_with_hooks
+        hooks.on_refiner = lambda refiner: _hook(refiner, args)
     if args.splice_share:
-        plain = host.sample_batch
-
-        def spliced(self, step, g):
-            batch = plain(self, step, g)
-            n, t = batch.c.shape[:2]
+        def spliced(batch, g):
+            n = batch.c.shape[0]
             pick = (torch.rand(n, generator=g) < args.splice_share).tolist()
             other = torch.randint(n, (n,), generator=g).tolist()
             cut = torch.randint(1, 17, (n,), generator=g).tolist()
@@ -266,7 +260,9 @@ def add_regularisers(args, refiner_class, host) -> None:
                     c[i, cut[i]:] = batch.c[other[i], cut[i]:]
             batch.c = c
             return batch
-        host.sample_batch = spliced
+
+        hooks.on_batch = spliced
+    return hooks
 
 
 def _hook(refiner, args) -> None:
@@ -281,21 +277,6 @@ def _hook(refiner, args) -> None:
     if args.hidden_dropout:
         refiner.fc1.register_forward_hook(
             lambda m, _i, out: torch.nn.functional.dropout(out, args.hidden_dropout, m.training))
-
-
-def _initial_refiner(pack, args, clip):
-    """The refiner training starts from: --init's file, a zero-output one of --inner-dim, or None (the
-    trainer's default width)."""
-    core = sys.modules[pack.__name__ + ".cfg_distill"]
-    if args.init:
-        if args.inner_dim:
-            raise SystemExit("--init and --inner-dim exclude each other: the init file sets the width")
-        return core.load_refiner(args.init).module
-    if not args.inner_dim:
-        return None
-    cond = clip.encode_from_tokens(clip.tokenize("a"), return_pooled=False)
-    return sys.modules[pack.__name__ + ".cfg_distill.training"].new_refiner(cond.shape[-1], args.inner_dim,
-                                                                             seed=args.seed)
 
 
 def _losses_of(path: str) -> list[float]:

@@ -55,9 +55,10 @@ def main(argv=None) -> int:
     import comfy.sd
     import folder_paths
 
-    tt = sys.modules[pack.__name__ + ".nodes.teefusion_training"]
+    comfy_host = sys.modules[pack.__name__ + ".nodes.comfy_host"]
+    TrainRequest = sys.modules[pack.__name__ + ".cfg_distill.request"].TrainRequest
     os.makedirs(args.work, exist_ok=True)
-    folder_paths.add_model_folder_path(tt.LORA_FOLDER, args.work, is_default=True)
+    folder_paths.add_model_folder_path(comfy_host.LORA_FOLDER, args.work, is_default=True)
     ckpt = assemble(args.ckpt_dir, args.weights, force=args.weights != WEIGHTS_DIR)
     folder_paths.add_model_folder_path("checkpoints", os.path.dirname(ckpt), is_default=True)
     model, clip, vae = comfy.sd.load_checkpoint_guess_config(ckpt)[:3]
@@ -72,11 +73,12 @@ def main(argv=None) -> int:
             print(f"[{time.strftime('%H:%M:%S')}] step {step}/{total} loss {loss:.4g} eta {eta:.0f}s", flush=True)
 
     name = os.path.splitext(os.path.basename(args.out))[0]
-    _model, file_name, _curve = tt.run_teefusion_training(
-        model, clip, "\n".join(prompts), args.w_min, args.w_max, args.steps, args.batch_size, args.lr, args.rank,
-        args.loss, data.SIZE, data.SIZE, args.seed, name, 100, args.resume, images=images, vae=vae,
-        base_checkpoint=os.path.basename(ckpt), should_stop=lambda: False, on_step=on_step,
-        lr_schedule=args.lr_schedule, init_lora=args.init)
+    request = TrainRequest(method="teefusion", name=name, prompts=prompts, w_min=args.w_min, w_max=args.w_max,
+                           steps=args.steps, batch_size=args.batch_size, lr=args.lr, rank=args.rank, loss=args.loss,
+                           width=data.SIZE, height=data.SIZE, seed=args.seed, save_every=100, resume=args.resume,
+                           images=images, lr_schedule=args.lr_schedule, start_from=args.init or "")
+    out = comfy_host.train(request, model, clip, vae, checkpoint=os.path.basename(ckpt), on_step=on_step)
+    file_name = os.path.basename(out.path)
     seconds = time.monotonic() - started
     src = os.path.join(args.work, file_name)
     from safetensors import safe_open

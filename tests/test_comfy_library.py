@@ -1,6 +1,5 @@
 """A tiny SDXL-architecture model in ComfyUI library mode: 2048-d tokens refined, pooled untouched,
 and sampling at cfg 1 runs one pass per step with the SDXL `y` vector built from pooled."""
-import importlib.util
 import os
 import sys
 
@@ -8,7 +7,7 @@ import pytest
 import torch
 
 from cfg_distill import DiceRefiner, LoadedRefiner, RefinerInfo, fuse, refine_tokens
-from tools.comfy_env import use_comfy_library
+from tools.comfy_env import load_pack, use_comfy_library
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -16,13 +15,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def pack():
     use_comfy_library()
-    name = "cfg_distill_pack_under_test"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "__init__.py"),
-                                                      submodule_search_locations=[ROOT])
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
+    name = "cfg_distill_pack"
+    load_pack()
     return sys.modules[name]
 
 

@@ -16,7 +16,6 @@ second token tensor). For each family:
 Runs against whatever ComfyUI tools/comfy_env.py points at (CFG_DISTILL_COMFYUI); a family the
 installed ComfyUI lacks is skipped with that reason.
 """
-import importlib.util
 import os
 import sys
 import zlib
@@ -27,11 +26,11 @@ import torch
 from cfg_distill import DiceRefiner, LoadedRefiner, RefinerInfo, refine_tokens
 from cfg_distill.families import FAMILIES
 from cfg_distill.training import evaluate_gap
-from tools.comfy_env import use_comfy_library
+from tools.comfy_env import load_pack, use_comfy_library
 from tools.tiny_families import FAMILY_SPECS, FamilyEncoder, build_family_model, comfy_has, latent_shape
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PACK = "cfg_distill_pack_under_test"
+PACK = "cfg_distill_pack"
 W = 4.0
 CFG_FAMILIES = ["sd3", "pixart_alpha", "pixart_sigma", "chroma", "qwen_image", "hidream", "lumina2",
                 "wan21_t2v", "wan22_t2v", "hunyuan_video"]
@@ -40,12 +39,7 @@ CFG_FAMILIES = ["sd3", "pixart_alpha", "pixart_sigma", "chroma", "qwen_image", "
 @pytest.fixture(scope="module")
 def pack():
     use_comfy_library()
-    if PACK not in sys.modules:
-        spec = importlib.util.spec_from_file_location(PACK, os.path.join(ROOT, "__init__.py"),
-                                                      submodule_search_locations=[ROOT])
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[PACK] = mod
-        spec.loader.exec_module(mod)
+    load_pack()
     return sys.modules[PACK]
 
 
@@ -273,9 +267,9 @@ def test_train_dice_refiner_end_to_end_lowers_the_held_out_gap(pack, refiner_dir
     clip = FamilyClip(name)
     h, w = spec.latent_hw
     steps, batch, lr, bound = TRAINING[name]
-    loaded, curve = training_node.run_training(
-        model, clip, "\n".join(TRAIN_PROMPTS), W, steps, batch, lr, "l2", w * 8, h * 8, 0, f"fam-{name}", 0, False,
-        x0_steps=2)
+    out = training_node.train_in_comfyui(dice_request(TRAIN_PROMPTS, steps, batch, lr, w * 8, h * 8, f"fam-{name}", 2),
+                                         model, clip)
+    loaded, curve = out.refiner, training_node.loss_curve(out.losses)
     saved = load_refiner(str(refiner_dir / f"fam-{name}.safetensors"))
     assert saved.info.base_family == spec.key and saved.info.token_dim == spec.token_dim
     assert saved.info.keep_first_token == FAMILIES[spec.key].keep_first_token
@@ -317,13 +311,22 @@ def test_the_hosts_training_flag_is_set_around_our_passes_only(pack):
         mm.in_training = False
 
 
+def dice_request(prompts, steps, batch, lr, width, height, name, x0_steps):
+    """The request run_training's positional call made before the one-request redesign (constant lr, no
+    gradient accumulation), so the families' bounds stay what they were measured at."""
+    from cfg_distill.request import TrainRequest
+
+    return TrainRequest(method="dice", prompts=list(prompts), guidance_scale=W, steps=steps, batch_size=batch, lr=lr,
+                        loss="l2", width=width, height=height, seed=0, name=name, save_every=0, x0_steps=x0_steps,
+                        grad_accum=1, lr_schedule="constant")
+
+
 @pytest.mark.parametrize("name", ["flux", "hunyuan_video_distilled"])
 def test_guidance_distilled_models_are_refused_with_the_reason(pack, refiner_dir, name):
     training_node = sys.modules[PACK + ".nodes.training_node"]
     model = family_model(name)
     with pytest.raises(ValueError, match="guidance-distilled") as e:
-        training_node.run_training(model, FamilyClip(name), "a b", W, 2, 1, 1e-3, "l2", 64, 64, 0, "nope", 0, False,
-                                   x0_steps=1)
+        training_node.train_in_comfyui(dice_request(["a b"], 2, 1, 1e-3, 64, 64, "nope", 1), model, FamilyClip(name))
     assert "no CFG pass to distil" in str(e.value) and "Train DICE Refiner" in str(e.value)
     assert not list(refiner_dir.iterdir())
 

@@ -120,18 +120,12 @@ def test_info_cli_reads_both(tmp_path):
 
 @pytest.fixture(scope="module")
 def refiner_nodes():
-    import importlib.util
-
-    from tools.comfy_env import use_comfy_library
+    
+    from tools.comfy_env import load_pack, use_comfy_library
 
     use_comfy_library()
-    name = "cfg_distill_pack_under_test"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "__init__.py"),
-                                                      submodule_search_locations=[ROOT])
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
+    name = "cfg_distill_pack"
+    load_pack()
     return sys.modules[name + ".nodes.refiner_nodes"]
 
 

@@ -12,7 +12,6 @@ Synthetic encodings are built like CLIP's: a start token, word vectors from a fi
 padding, and a causal running mean (so every later token, padding included, carries the prompt).
 Training and held-out prompts are different word sequences from the same vocabulary.
 """
-import importlib.util
 import os
 import sys
 
@@ -20,10 +19,10 @@ import pytest
 import torch
 
 from cfg_distill.training import Batch, TrainConfig, evaluate_gap, train_refiner
-from tools.comfy_env import use_comfy_library
+from tools.comfy_env import load_pack, use_comfy_library
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PACK = "cfg_distill_pack_under_test"
+PACK = "cfg_distill_pack"
 W = 5.0
 SDXL_KEYS = {"width": 1024, "height": 1024, "crop_w": 0, "crop_h": 0, "target_width": 1024, "target_height": 1024}
 
@@ -32,12 +31,7 @@ SDXL_KEYS = {"width": 1024, "height": 1024, "crop_w": 0, "crop_h": 0, "target_wi
 def ct():
     """nodes.comfy_training of the pack, imported as ComfyUI imports it (a package)."""
     use_comfy_library()
-    if PACK not in sys.modules:
-        spec = importlib.util.spec_from_file_location(PACK, os.path.join(ROOT, "__init__.py"),
-                                                      submodule_search_locations=[ROOT])
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[PACK] = mod
-        spec.loader.exec_module(mod)
+    load_pack()
     return sys.modules[PACK + ".nodes.comfy_training"]
 
 

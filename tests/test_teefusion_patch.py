@@ -8,7 +8,6 @@
 - a stock KSampler at cfg 1 runs one model pass per step; the unpatched model is left untouched;
 - clear errors for models without the embedder (SD1.5) and for a null conditioning without pooled_output.
 """
-import importlib.util
 import os
 import sys
 
@@ -16,10 +15,10 @@ import pytest
 import torch
 
 from cfg_distill.teefusion import GUIDANCE_DIVISOR, fused_pooled_embedding, sinusoidal_embedding, teefusion_vector
-from tools.comfy_env import use_comfy_library
+from tools.comfy_env import load_pack, use_comfy_library
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PACK = "cfg_distill_pack_under_test"
+PACK = "cfg_distill_pack"
 TOL = 1e-5
 
 
@@ -27,12 +26,7 @@ def _pack():
     use_comfy_library()
     import nodes  # noqa: F401  ComfyUI's nodes.py first, as in the server
 
-    if PACK not in sys.modules:
-        spec = importlib.util.spec_from_file_location(PACK, os.path.join(ROOT, "__init__.py"),
-                                                      submodule_search_locations=[ROOT])
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[PACK] = mod
-        spec.loader.exec_module(mod)
+    load_pack()
     return sys.modules[PACK]
 
 

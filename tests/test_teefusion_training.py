@@ -8,7 +8,6 @@ checkpoint, and its saved LoRA through ComfyUI's stock LoraLoaderModelOnly:
 - the input MODEL is left untouched; resume equals an uninterrupted run; a stop keeps what was
   learned; a NaN loss stops with a clear message and keeps the last good state; bad settings are clear.
 """
-import importlib.util
 import os
 import sys
 
@@ -16,10 +15,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from tools.comfy_env import use_comfy_library
+from tools.comfy_env import load_pack, use_comfy_library
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PACK = "cfg_distill_pack_under_test"
+PACK = "cfg_distill_pack"
 TRAIN = ["a red fox in the snow", "a blue car on a bridge", "a bowl of fruit", "a castle at night"]
 # lr: 2e-3 oscillates on this random-weight model (measured: held-out gap 56 vs 13.8 without the LoRA);
 # 3e-4 learns, slowly (held-out gap 11.6 after 40 steps, 13.0 after 60, vs 13.8). The quality that
@@ -41,12 +40,7 @@ def env(tmp_path_factory):
     use_comfy_library()
     import nodes  # noqa: F401  ComfyUI's nodes.py first
 
-    if PACK not in sys.modules:
-        spec = importlib.util.spec_from_file_location(PACK, os.path.join(ROOT, "__init__.py"),
-                                                      submodule_search_locations=[ROOT])
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[PACK] = mod
-        spec.loader.exec_module(mod)
+    load_pack()
     import comfy.sd
     import folder_paths
     from tools.tiny_models import write_tiny_sd15
@@ -60,10 +54,19 @@ def env(tmp_path_factory):
 
 
 def _train(env, name, steps, **kw):
+    """One Train TeEFusion request through cfg_distill.run on ComfyUI (the nodes' path, library mode)."""
+    from cfg_distill.request import TrainRequest
+
     settings = {**SMALL, **kw}
     stop = settings.pop("stop", None) or (lambda: False)
-    return env["tt"].run_teefusion_training(env["model"], env["clip"], "\n".join(TRAIN), steps=steps, lora_name=name,
-                                            base_checkpoint="tiny-sd15.safetensors", should_stop=stop, **settings)
+    on_step = settings.pop("on_step", None)
+    renames = {"learning_rate": "lr", "init_lora": "start_from"}
+    settings = {renames.get(k, k): v for k, v in settings.items()}
+    request = TrainRequest(method="teefusion", name=name, prompts=TRAIN, steps=steps, **settings)
+    host = sys.modules[PACK + ".nodes.comfy_host"]
+    out = host.train(request, env["model"], env["clip"], checkpoint="tiny-sd15.safetensors", should_stop=stop,
+                     on_step=on_step)
+    return sys.modules[PACK + ".nodes.training_node"].teefusion_outputs(env["model"], out)
 
 
 def _lora(env, name):

@@ -1,5 +1,6 @@
-"""The testbed trainer's generalisation probes (RESULTS_dice round 8): each acts while training only,
-does what its flag says, and leaves the refiner file's format alone."""
+"""The testbed trainer's generalisation probes (RESULTS_dice round 8), as the engine's hooks
+(TrainingHooks, no patching of the pack): each acts while training only, does what its flag says, and
+leaves the refiner file's format alone."""
 from __future__ import annotations
 
 import argparse
@@ -7,9 +8,9 @@ import argparse
 import pytest
 import torch
 
-from cfg_distill.refiner import DiceRefiner, refine
+from cfg_distill.refiner import refine
 from cfg_distill.training import Batch, TrainConfig, new_refiner, train_refiner
-from testbed.train_refiner import add_regularisers
+from testbed.train_refiner import regularisers
 
 
 def _args(**kw):
@@ -34,22 +35,21 @@ class _Host:
                      uc=torch.zeros(1, 5, 16))
 
 
-@pytest.fixture
-def hooked(monkeypatch):
-    """add_regularisers patches DiceRefiner's constructor for the process; undo it after the test."""
-    monkeypatch.setattr(DiceRefiner, "__init__", DiceRefiner.__init__)
-
-    def install(**kw):
-        add_regularisers(_args(**kw), DiceRefiner, _Host)
-    return install
+def _hooked_refiner(**kw):
+    r = _refiner()
+    regularisers(_args(**kw)).on_refiner(r)
+    return r
 
 
-def test_query_noise_and_dropout_act_in_training_only(hooked):
+def test_no_probe_no_hooks():
+    assert regularisers(_args()) is None
+
+
+def test_query_noise_and_dropout_act_in_training_only():
     c, uc = torch.randn(3, 10, 16), torch.randn(1, 5, 16)
     plain = refine(_refiner().eval(), c, uc)
     for kw in (dict(query_noise=0.2), dict(hidden_dropout=0.3)):
-        hooked(**kw)
-        r = _refiner()  # built after the patch: hooked
+        r = _hooked_refiner(**kw)
         assert torch.equal(refine(r.eval(), c, uc), plain), kw
         r.train()
         a, b = refine(r, c, uc), refine(r, c, uc)
@@ -58,9 +58,8 @@ def test_query_noise_and_dropout_act_in_training_only(hooked):
         assert set(r.state_dict()) == set(_refiner().state_dict())
 
 
-def test_query_noise_moves_the_input_not_the_base_tokens(hooked):
-    hooked(query_noise=1.0)
-    r = _refiner()
+def test_query_noise_moves_the_input_not_the_base_tokens():
+    r = _hooked_refiner(query_noise=1.0)
     with torch.no_grad():  # S = const: then only the input could move the output
         r.fc2.weight.zero_()
         r.fc2.bias.fill_(0.5)
@@ -69,7 +68,7 @@ def test_query_noise_moves_the_input_not_the_base_tokens(hooked):
     assert torch.allclose(out[:, 1:], c[:, 1:] + 0.5)
 
 
-def _toy_run(init):
+def _toy_run(init, hooks=None):
     g = torch.Generator().manual_seed(0)
     c, uc = torch.randn(32, 6, 16, generator=g), torch.randn(1, 3, 16, generator=g)
 
@@ -81,17 +80,18 @@ def _toy_run(init):
     torch.manual_seed(0)
     cfg = TrainConfig(steps=5, batch_size=4, lr=1e-2)
     return train_refiner(cfg, sample_batch, lambda b: 1.5 * b.c.sum(1), lambda b, rc: rc.sum(1), token_dim=16,
-                         init=init).refiner
+                         init=init, hooks=hooks).refiner
 
 
-def test_the_probes_reach_the_copy_the_trainer_trains(hooked):
+def test_the_probes_reach_the_copy_the_trainer_trains():
     # The trainer trains a fresh copy of --init: hooks on the init module alone would do nothing.
     init = _refiner()
     plain = _toy_run(init)
-    hooked(query_noise=0.5)
-    noisy = _toy_run(init)
+    hooks = regularisers(_args(query_noise=0.5))
+    noisy = _toy_run(init, hooks)
     assert not torch.equal(plain.fc2.weight, noisy.fc2.weight)
-    again = _toy_run(init)  # the result is in eval mode: its hooks are off, its own numbers unchanged
+    assert torch.equal(_toy_run(init).fc2.weight, plain.fc2.weight)  # nothing left behind in the process
+    again = _toy_run(init, hooks)  # the result is in eval mode: its hooks are off, its own numbers unchanged
     c = torch.randn(2, 6, 16)
     assert torch.equal(refine(again, c, c[:1]), refine(again, c, c[:1]))
 
@@ -99,12 +99,9 @@ def test_the_probes_reach_the_copy_the_trainer_trains(hooked):
 def test_splice_takes_a_tail_from_another_row_of_the_batch():
     rows = torch.arange(8.0).reshape(8, 1, 1).expand(8, 20, 16).clone()
 
-    class Host(_Host):
-        pass
-
-    host = Host(rows)
-    add_regularisers(_args(splice_share=1.0), DiceRefiner, Host)
-    batch = Host.sample_batch(host, 0, torch.Generator().manual_seed(3))
+    hooks = regularisers(_args(splice_share=1.0))
+    g = torch.Generator().manual_seed(3)
+    batch = hooks.on_batch(_Host(rows).sample_batch(0, g), g)
     changed = 0
     for i in range(8):
         own = batch.c[i, :, 0] == i

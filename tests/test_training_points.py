@@ -2,7 +2,6 @@
 besides forward-noised data - a share of each batch taken from the states the stock sampler visits,
 the CFG teacher's runs and, given a refiner, the student's own runs at cfg 1 - and the official
 recipe's one noise level per batch. In ComfyUI library mode on the tiny SD1.5 checkpoint."""
-import importlib.util
 import os
 import sys
 
@@ -13,23 +12,18 @@ from cfg_distill import LoadedRefiner, RefinerInfo
 from cfg_distill.training import new_refiner
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PACK = "cfg_distill_pack_under_test"
+PACK = "cfg_distill_pack"
 PROMPTS = ["a red fox", "a blue car", "a green house", "a castle at night"]
 
 
 @pytest.fixture(scope="module")
 def lib():
-    from tools.comfy_env import use_comfy_library
+    from tools.comfy_env import load_pack, use_comfy_library
 
     use_comfy_library()
     import nodes  # noqa: F401  ComfyUI's nodes.py first
 
-    if PACK not in sys.modules:
-        spec = importlib.util.spec_from_file_location(PACK, os.path.join(ROOT, "__init__.py"),
-                                                      submodule_search_locations=[ROOT])
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[PACK] = mod
-        spec.loader.exec_module(mod)
+    load_pack()
     import comfy.sd
     import tempfile
     from tools.tiny_models import write_tiny_sd15

@@ -2,13 +2,14 @@
 (c + s (w - w_ref)(c - uc) is what it reads), recorded in the file (format 3), applied with w in
 ComfyUI and the webui, refused outside the trained range, and trained with w drawn per sample
 against CFG at each sample's w."""
-import importlib.util
 import json
 import os
 import sys
 
 import pytest
 import torch
+
+from cfg_distill.request import TrainRequest
 from safetensors import safe_open
 
 from cfg_distill import (ConditioningError, DiceRefiner, LoadedRefiner, RefinerFileError, RefinerInfo,
@@ -121,22 +122,17 @@ def test_webui_dice_mode_passes_w_and_records_it():
 
 
 # -- training, in ComfyUI library mode on the tiny SD1.5 checkpoint ---------------------------------------
-PACK = "cfg_distill_pack_under_test"
+PACK = "cfg_distill_pack"
 
 
 @pytest.fixture(scope="module")
 def lib(tmp_path_factory):
-    from tools.comfy_env import use_comfy_library
+    from tools.comfy_env import load_pack, use_comfy_library
 
     use_comfy_library()
     import nodes  # noqa: F401  ComfyUI's nodes.py first
 
-    if PACK not in sys.modules:
-        spec = importlib.util.spec_from_file_location(PACK, os.path.join(ROOT, "__init__.py"),
-                                                      submodule_search_locations=[ROOT])
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[PACK] = mod
-        spec.loader.exec_module(mod)
+    load_pack()
     import comfy.sd
     import folder_paths
     from tools.tiny_models import write_tiny_sd15
@@ -155,7 +151,7 @@ def test_training_draws_w_and_the_teacher_is_cfg_at_each_samples_w(lib):
     tn = sys.modules[PACK + ".nodes.training_node"]
     enc = ct.encode_prompts(lib["clip"], ["a red fox", "a blue car"])
     null = ct.encode_prompts(lib["clip"], [""])[0]
-    w_input = tn.w_input_for((3.0, 7.0), 5.0)
+    w_input = w_input_for((3.0, 7.0), 5.0)
     host = ct.ComfyDistillHost(lib["model"], enc, null, 5.0, 2, w_input=w_input)
     host.load()
     try:
@@ -175,10 +171,15 @@ def test_training_draws_w_and_the_teacher_is_cfg_at_each_samples_w(lib):
     finally:
         host.cleanup()
     with pytest.raises(ValueError, match="w range must satisfy"):
-        tn.w_input_for((6.0, 8.0), 5.0)
+        w_input_for((6.0, 8.0), 5.0)
     # The scale follows the range: the farther end moves the query halfway to the negative, never to it.
-    assert tn.w_input_for((2.0, 6.0), 5.0)["scale"] == pytest.approx(0.5 / 3, abs=1e-6)
-    assert tn.w_input_for((4.0, 12.0), 5.0)["scale"] == pytest.approx(0.5 / 7, abs=1e-6)
+    assert w_input_for((2.0, 6.0), 5.0)["scale"] == pytest.approx(0.5 / 3, abs=1e-6)
+    assert w_input_for((4.0, 12.0), 5.0)["scale"] == pytest.approx(0.5 / 7, abs=1e-6)
+
+
+def w_input_for(w_range, w):
+    """The w input a request for that range around w trains (cfg_distill.request)."""
+    return TrainRequest(method="dice", guidance_scale=w, w_min=w_range[0], w_max=w_range[1]).validate().w_input()
 
 
 def test_train_and_apply_a_refiner_for_a_range_of_w(lib):
@@ -186,9 +187,10 @@ def test_train_and_apply_a_refiner_for_a_range_of_w(lib):
     rn = sys.modules[PACK + ".nodes.refiner_nodes"]
     import nodes
 
-    loaded, _curve = tn.run_training(lib["model"], lib["clip"], "a red fox\na blue car\na castle", 5.0, 4, 2,
-                                     1e-3, "l2", 64, 64, 0, "w-range", 0, False, x0_steps=2, w_range=(3.0, 7.0),
-                                     lr_schedule="cosine")
+    tn.train_in_comfyui(TrainRequest(method="dice", prompts="a red fox\na blue car\na castle", guidance_scale=5.0,
+                                     steps=4, batch_size=2, lr=1e-3, loss="l2", width=64, height=64, seed=0,
+                                     name="w-range", save_every=0, x0_steps=2, w_min=3.0, w_max=7.0,
+                                     lr_schedule="cosine", grad_accum=1), lib["model"], lib["clip"])
     saved = load_refiner(str(lib["dir"] / "w-range.safetensors"))
     assert saved.info.w_input == {"range": [3.0, 7.0], "ref": 5.0, "scale": 0.25}
     saved.name = "w-range.safetensors"

@@ -20,6 +20,8 @@ TREES = {"0.3.75": os.path.join(ROOT, ".comfyui", "ComfyUI"),
 _selected = os.environ.get("CFG_DISTILL_COMFYUI", "0.3.75")
 COMFY_DIR = os.path.abspath(TREES.get(_selected, _selected))
 FRONTEND_ROOT = os.environ.get("CFG_DISTILL_FRONTEND_ROOT") or None
+# The testbed and the demo find ComfyUI through comfy_headless.find_comfyui, which reads COMFYUI_DIR.
+os.environ.setdefault("COMFYUI_DIR", COMFY_DIR)
 SETUP_HINT = "bash tools/setup_env.sh" if _selected in ("0.3.75", TREES["0.3.75"]) else \
     f"COMFYUI={_selected if _selected in TREES else '<version>'} bash tools/setup_env.sh"
 
@@ -62,12 +64,21 @@ def frontend_version() -> str:
 
 
 def use_comfy_library() -> str:
-    """Put ComfyUI on sys.path and force CPU, before comfy.model_management is imported."""
+    """Put the selected ComfyUI on sys.path and force CPU, before comfy.model_management is imported
+    (comfy_headless.import_comfy, the pack's own library-mode loader)."""
     if not os.path.isfile(os.path.join(COMFY_DIR, "main.py")):
         raise RuntimeError(f"ComfyUI not found at {COMFY_DIR}: run `{SETUP_HINT}` first")
-    if COMFY_DIR not in sys.path:
-        sys.path.insert(0, COMFY_DIR)
-    import comfy.cli_args
+    if "comfy.cli_args" in sys.modules and COMFY_DIR in sys.path:
+        return COMFY_DIR
+    from comfy_headless import import_comfy
 
-    comfy.cli_args.args.cpu = True
-    return COMFY_DIR
+    return import_comfy(COMFY_DIR, cpu=True)
+
+
+def load_pack():
+    """The pack as a package in library mode, on the selected ComfyUI (comfy_headless.load_pack)."""
+    use_comfy_library()
+    import nodes  # noqa: F401  ComfyUI's nodes.py before the pack's `nodes` package
+    from comfy_headless import load_pack as load
+
+    return load()

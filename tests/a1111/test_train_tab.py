@@ -369,11 +369,11 @@ def test_no_checkpoint_loaded(webui):
 
 def test_empty_prompt_box_uses_the_bundled_list():
     request = wt.TrainRequest.from_ui("  \n", 5, 10, 2, 2e-4, "l1", 512, 0, "x.safetensors", 0, False)
-    assert request.prompts == wt.default_prompts() and len(request.prompts) > 100
-    assert request.name == "x" and request.used_default_prompts
+    assert request.training_prompts() == wt.default_prompts() and len(request.training_prompts()) > 100
+    assert request.name == "x" and request.uses_default_prompts
     request = wt.TrainRequest.from_ui("# comment\na cat\n\na dog ", 5, 10.0, 2, 2e-4, "l1", 512, 0, "x", 0, False)
     assert request.prompts == ["a cat", "a dog"] and request.steps == 10
-    assert request.negative_prompts == [] and request.negative_share == 0.0  # "" only unless negatives are given
+    assert request.negative_prompts == [] and request.negative_share_used == 0.0  # "" only unless negatives are given
     request = wt.TrainRequest.from_ui("a cat", 5, 10, 2, 2e-4, "l1", 512, 0, "x", 0, False, "blurry\n# no\n\nred ", 0.3)
     assert request.negative_prompts == ["blurry", "red"] and request.negative_share == 0.3
     with pytest.raises(wt.TrainTabError, match="negative share must be between 0 and 1"):
