@@ -7,7 +7,8 @@
 #   2. ComfyUI 0.8.0 with its pinned frontend (1.35.9): the server tests (example
 #      workflows, one model call per step, errors), the training node, the model
 #      families (tiny DiTs: 0.8.0 is where comfy_kitchen's RoPE kernels without a
-#      backward are replaced by cfg_distill/autograd_safe.py), the browser tests       [.venv-comfy080]
+#      backward are replaced by cfg_distill/autograd_safe.py; the three slowest
+#      families train on steps 1 and 3 only), the browser tests                        [.venv-comfy080]
 #   3. ComfyUI 0.33.0 with its pinned frontend (1.48.7): the same files as step 2,
 #      plus the harness's progress-aware waits and the training points               [.venv-comfy033]
 #   4. the browser tests once more with the newest frontend, pinned in
@@ -50,10 +51,17 @@ stage "ComfyUI 0.3.75" 0 env CFG_DISTILL_COMFYUI=0.3.75 CFG_DISTILL_EXPECT_COMFY
 
 if [ "$MATRIX" = full ]; then
   pin() { grep -v '^\s*#' "$1" | grep -m1 -o 'comfyui-frontend-package==.*' | cut -d= -f3; }
+  # On 0.8.0 the families' training covers comfy_kitchen's apply_rope (Lumina 2, Chroma, HunyuanVideo)
+  # and apply_rope1 (Qwen-Image); HiDream (apply_rope) and Wan 2.1 / 2.2 (apply_rope1) take the same
+  # paths and are the slowest to train, so they train on the oldest and newest ComfyUI only.
+  slow_families=()
+  for f in hidream wan21_t2v wan22_t2v; do
+    slow_families+=(--deselect "tests/test_families.py::test_train_dice_refiner_end_to_end_lowers_the_held_out_gap[$f]")
+  done
   stage "ComfyUI 0.8.0" 1 env CFG_DISTILL_COMFYUI=0.8.0 CFG_DISTILL_EXPECT_COMFYUI=0.8.0 \
     CFG_DISTILL_EXPECT_FRONTEND="$(pin tools/comfyui-0.8.0-constraints.txt)" \
     "$ROOT/.venv-comfy080/bin/python" -m pytest \
-    tests/test_comfy_server.py tests/test_comfy_training.py tests/test_families.py \
+    tests/test_comfy_server.py tests/test_comfy_training.py tests/test_families.py "${slow_families[@]}" \
     tests/test_browser.py "$@"
   stage "ComfyUI 0.33.0" 1 env CFG_DISTILL_COMFYUI=0.33.0 CFG_DISTILL_EXPECT_COMFYUI=0.33.0 \
     CFG_DISTILL_EXPECT_FRONTEND="$(pin tools/comfyui-0.33.0-constraints.txt)" \
