@@ -14,8 +14,8 @@
 #   bash tools/setup_env.sh                          # ComfyUI 0.3.75 + test tools
 #   COMFYUI=0.8.0 bash tools/setup_env.sh            # ComfyUI 0.8.0 + test tools
 #   COMFYUI=0.33.0 bash tools/setup_env.sh           # ComfyUI 0.33.0 + test tools
-#   COMFYUI=0.8.0 NEWEST_FRONTEND=1 bash tools/setup_env.sh
-#       # also the newest tested frontend (tools/frontend-newest.txt) beside 0.8.0's own, served with
+#   COMFYUI=0.33.0 NEWEST_FRONTEND=1 bash tools/setup_env.sh
+#       # also the newest tested frontend (tools/frontend-newest.txt) beside 0.33.0's own, served with
 #       # --front-end-root (tools/comfy_server.py, CFG_DISTILL_FRONTEND_ROOT)
 #   WITH_BROWSER=1 bash tools/setup_env.sh           # also Debian chromium + playwright (browser tests)
 set -euo pipefail
