@@ -27,14 +27,12 @@ Prints one line per check and `N passed, N failed`; exit status 1 on any failure
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import sys
 import tempfile
 import traceback
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PACK = "cfg_distill_gpu_check"
 results: list[tuple[str, bool, str]] = []
 
 
@@ -70,9 +68,9 @@ def main() -> int:
     # carry to a GPU machine) a stand-in that refuses use. A real installation always wins.
     stand_in_if_missing("av", " (benchmarks/gpu_dynamic_vram_check.py: video I/O is not part of this check)")
 
-    import comfy.cli_args
+    from comfy_headless import import_comfy, load_pack, pack_module
 
-    comfy.cli_args.args.cpu = opts.legacy_cpu
+    import_comfy(comfy_dir, cpu=opts.legacy_cpu)
     import tools.tiny_models
 
     # The tiny-model builders call the tests' library-mode helper, which forces CPU; here the device
@@ -98,15 +96,11 @@ def main() -> int:
     import folder_paths
     import nodes  # ComfyUI's nodes.py first, as in the server
 
-    spec = importlib.util.spec_from_file_location(PACK, os.path.join(ROOT, "__init__.py"),
-                                                  submodule_search_locations=[ROOT])
-    pack = importlib.util.module_from_spec(spec)
-    sys.modules[PACK] = pack
-    spec.loader.exec_module(pack)
-    refiner_nodes = sys.modules[PACK + ".nodes.refiner_nodes"]
-    fusion_nodes = sys.modules[PACK + ".nodes.fusion_nodes"]
-    teefusion_patch = sys.modules[PACK + ".nodes.teefusion_patch"]
-    comfy_host = sys.modules[PACK + ".nodes.comfy_host"]
+    pack = load_pack()
+    refiner_nodes = pack_module(pack, "nodes.refiner_nodes")
+    fusion_nodes = pack_module(pack, "nodes.fusion_nodes")
+    teefusion_patch = pack_module(pack, "nodes.teefusion_patch")
+    comfy_host = pack_module(pack, "nodes.comfy_host")
     from cfg_distill import DiceRefiner, LoadedRefiner, RefinerInfo
     from cfg_distill.request import TrainRequest
     from tools.tiny_models import build_tiny_sd3, write_tiny_sd15
