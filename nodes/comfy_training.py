@@ -12,6 +12,7 @@ is the paper's eps-space loss for EPS models and a consistent one for the other 
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +26,24 @@ from ..cfg_distill.autograd_safe import out_of_place_updates
 from ..cfg_distill.checkpointing import checkpointed_blocks
 from ..cfg_distill.fusion import repeat_to_length
 from ..cfg_distill.training import Batch
+
+
+@contextlib.contextmanager
+def host_training_mode():
+    """ComfyUI's own flag for passes that carry gradients, where the host has it (0.33:
+    `comfy.model_management.in_training`, which its LoRA trainer sets around its loop): models then
+    use differentiable torch code instead of fused kernels without a backward (Lumina 2's rms_rope,
+    Flux-style RoPE, LTX...). Set for our passes only, and restored to what it was afterwards."""
+    mm = comfy.model_management
+    if not hasattr(mm, "in_training"):  # older hosts: no such flag (autograd_safe covers their RoPE)
+        yield
+        return
+    before = mm.in_training
+    mm.in_training = True
+    try:
+        yield
+    finally:
+        mm.in_training = before
 
 
 def _identity(weight):
@@ -305,8 +324,9 @@ class ComfyDistillHost:
         # Checkpointing (optional) trades one extra forward for not storing every block's activations.
         # out_of_place_updates: without it, DiT blocks that update activations with `x += ...` and
         # RoPE kernels without a backward would stop the backward pass into the conditioning.
+        # host_training_mode: ComfyUI >= 0.33 otherwise calls fused kernels without a backward.
         with checkpointed_blocks(self.mp.model.diffusion_model, self.gradient_checkpointing), \
-                out_of_place_updates(self.autograd_safe):
+                out_of_place_updates(self.autograd_safe), host_training_mode():
             denoised = comfy.samplers.calc_cond_batch(self.mp.model, [cond], batch.x_t, batch.sigma,
                                                       self.mp.model_options)[0]
         return self._eps(batch, denoised)

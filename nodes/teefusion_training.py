@@ -19,7 +19,7 @@ from ..cfg_distill.checkpointing import checkpointed_blocks
 from ..cfg_distill.teefusion_training import (FUSION_MODULATION, FUSION_TOKENS, cfg_per_sample, draw_w,
                                              fuse_per_sample, lora_layers_from_state_dict, lora_state_dict)
 from ..cfg_distill.training import Batch
-from .comfy_training import ComfyDistillHost, _stack_conditioning
+from .comfy_training import ComfyDistillHost, _stack_conditioning, host_training_mode
 from .teefusion_patch import TeEFusionYEmbedder, Y_EMBEDDER, apply_teefusion_patch
 
 
@@ -138,7 +138,7 @@ class TeEFusionLoraHost(ComfyDistillHost):
         if self.fusion == FUSION_MODULATION:
             self._y_embedder().w = batch.extra["w"]
         try:
-            with checkpointed_blocks(self.mp.model.diffusion_model, self.gradient_checkpointing):
+            with checkpointed_blocks(self.mp.model.diffusion_model, self.gradient_checkpointing), host_training_mode():
                 denoised = comfy.samplers.calc_cond_batch(self.mp.model, [cond], batch.x_t, batch.sigma,
                                                           self.mp.model_options)[0]
         finally:

@@ -67,7 +67,7 @@ def comfy_base(tmp_path_factory):
         # The server runs with this python: it must be the venv set up for the selected tree.
         pytest.fail(f"{sys.executable} has comfyui-frontend-package {frontend_version()}, but ComfyUI "
                     f"{comfyui_version()} at {COMFY_DIR} pins {pinned_frontend()}: run the tests with that "
-                    "tree's venv (.venv for 0.3.75, .venv-comfy080 for 0.8.0; see tools/test.sh)")
+                    "tree's venv (.venv for 0.3.75, .venv-comfy080 for 0.8.0, .venv-comfy033 for 0.33.0; see tools/test.sh)")
     from tools.tiny_models import write_tiny_sd15
 
     base = tmp_path_factory.mktemp("comfy")

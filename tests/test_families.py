@@ -277,6 +277,38 @@ def test_train_dice_refiner_end_to_end_lowers_the_held_out_gap(pack, refiner_dir
     rep = held_out_gap(pack, model, clip, loaded.module, (h, w))
     print(f"{name}: held-out refined {rep.refined:.4g} vs cfg 1 {rep.baseline:.4g} (ratio {rep.ratio:.3f})")
     assert rep.refined < bound * rep.baseline
+    import comfy.model_management
+
+    assert getattr(comfy.model_management, "in_training", False) is False  # the host's flag, put back
+
+
+def test_the_hosts_training_flag_is_set_around_our_passes_only(pack):
+    """ComfyUI 0.33 runs differentiable code instead of fused kernels without a backward (Lumina 2's
+    rms_rope) while its own `comfy.model_management.in_training` is set, as its LoRA trainer does.
+    The trainers set it around their passes with gradients and put back what was there, also after an
+    error; on a host without the flag nothing is added."""
+    import comfy.model_management as mm
+
+    host_training_mode = sys.modules[PACK + ".nodes.comfy_training"].host_training_mode
+    if not hasattr(mm, "in_training"):
+        with host_training_mode():
+            pass
+        assert not hasattr(mm, "in_training")
+        return
+    assert mm.in_training is False
+    seen = []
+    with pytest.raises(KeyError):
+        with host_training_mode():
+            seen.append(mm.in_training)
+            raise KeyError("a failing step")
+    assert seen == [True] and mm.in_training is False
+    mm.in_training = True  # a host trainer's own run around ours: left as it was
+    try:
+        with host_training_mode():
+            pass
+        assert mm.in_training is True
+    finally:
+        mm.in_training = False
 
 
 def dice_request(prompts, steps, batch, lr, width, height, name, x0_steps):

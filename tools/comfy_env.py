@@ -3,7 +3,8 @@
 The tested ComfyUIs live side by side, each with its own venv (tools/setup_env.sh):
     0.3.75 (default)  .comfyui/ComfyUI         .venv
     0.8.0             .comfyui-0.8.0/ComfyUI   .venv-comfy080
-CFG_DISTILL_COMFYUI selects one, by version ("0.8.0") or by the path of a ComfyUI folder; run the
+    0.33.0            .comfyui-0.33.0/ComfyUI  .venv-comfy033
+CFG_DISTILL_COMFYUI selects one, by version ("0.33.0") or by the path of a ComfyUI folder; run the
 tests with that tree's venv python (tools/test.sh does). CFG_DISTILL_FRONTEND_ROOT serves another
 frontend build (a comfyui-frontend-package's static/ folder) through ComfyUI's --front-end-root."""
 from __future__ import annotations
@@ -14,7 +15,8 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TREES = {"0.3.75": os.path.join(ROOT, ".comfyui", "ComfyUI"),
-         "0.8.0": os.path.join(ROOT, ".comfyui-0.8.0", "ComfyUI")}
+         "0.8.0": os.path.join(ROOT, ".comfyui-0.8.0", "ComfyUI"),
+         "0.33.0": os.path.join(ROOT, ".comfyui-0.33.0", "ComfyUI")}
 _selected = os.environ.get("CFG_DISTILL_COMFYUI", "0.3.75")
 COMFY_DIR = os.path.abspath(TREES.get(_selected, _selected))
 FRONTEND_ROOT = os.environ.get("CFG_DISTILL_FRONTEND_ROOT") or None

@@ -5,12 +5,17 @@
 #                     unmodified ComfyUI tree)
 #   0.8.0:            .comfyui-0.8.0/ComfyUI + .venv-comfy080, from ../shared/hosts/comfyui-0.8.0.tar.gz
 #                     (unmodified tag v0.8.0), or a git clone of tag v0.8.0 where that archive is absent
+#   0.33.0:           .comfyui-0.33.0/ComfyUI + .venv-comfy033, from ../shared/hosts/comfyui-0.33.0.tar.gz
+#                     (unmodified release commit 2f35f4a), or a git clone of that commit where the
+#                     archive is absent. It imports torchaudio unconditionally and PyPI has no CPU
+#                     torchaudio for torch 2.13: this venv gets tools/torchaudio_cpu_shim.py instead
 # Idempotent: a stamp per venv records what was installed (a hash of the requirement files); a
 # second run only checks, and a changed requirement file installs again. Nothing here is committed.
 #   bash tools/setup_env.sh                          # ComfyUI 0.3.75 + test tools
 #   COMFYUI=0.8.0 bash tools/setup_env.sh            # ComfyUI 0.8.0 + test tools
-#   COMFYUI=0.8.0 NEWEST_FRONTEND=1 bash tools/setup_env.sh
-#       # also the newest tested frontend (tools/frontend-newest.txt) beside 0.8.0's own, served with
+#   COMFYUI=0.33.0 bash tools/setup_env.sh           # ComfyUI 0.33.0 + test tools
+#   COMFYUI=0.33.0 NEWEST_FRONTEND=1 bash tools/setup_env.sh
+#       # also the newest tested frontend (tools/frontend-newest.txt) beside 0.33.0's own, served with
 #       # --front-end-root (tools/comfy_server.py, CFG_DISTILL_FRONTEND_ROOT)
 #   WITH_BROWSER=1 bash tools/setup_env.sh           # also Debian chromium + playwright (browser tests)
 set -euo pipefail
@@ -28,8 +33,12 @@ case "$COMFYUI" in
     VENV="$ROOT/.venv-comfy080"
     COMFY_PARENT="$ROOT/.comfyui-0.8.0"
     CONSTRAINTS+=(-c "$ROOT/tools/comfyui-0.8.0-constraints.txt") ;;
+  0.33.0)
+    VENV="$ROOT/.venv-comfy033"
+    COMFY_PARENT="$ROOT/.comfyui-0.33.0"
+    CONSTRAINTS+=(-c "$ROOT/tools/comfyui-0.33.0-constraints.txt") ;;
   *)
-    echo "[setup] unknown COMFYUI=$COMFYUI; tested versions: 0.3.75 (default), 0.8.0" >&2
+    echo "[setup] unknown COMFYUI=$COMFYUI; tested versions: 0.3.75 (default), 0.8.0, 0.33.0" >&2
     exit 2 ;;
 esac
 COMFY="$COMFY_PARENT/ComfyUI"
@@ -72,27 +81,39 @@ PYEOF
   rm -rf "$tmp"
 }
 
-fetch_comfyui_080() {
+# fetch_tree VERSION GIT_REF [GIT_COMMIT]: unpack ../shared/hosts/comfyui-VERSION.tar.gz (an unmodified
+# public source archive), or clone the same public ref where that archive is absent.
+fetch_tree() {
   # The host archives sit in shared/ beside the checkout (CI: <clone>/../shared; a worktree:
   # <worktree>/../../shared); CFG_DISTILL_SHARED names another place.
-  local archive="" cand staging="$COMFY_PARENT/ComfyUI.partial"
+  local version="$1" ref="$2" commit="${3:-}" archive="" cand staging="$COMFY_PARENT/ComfyUI.partial"
   for cand in ${CFG_DISTILL_SHARED:+"$CFG_DISTILL_SHARED"} "$ROOT/../shared" "$ROOT/../../shared"; do
-    if [ -f "$cand/hosts/comfyui-0.8.0.tar.gz" ]; then archive="$cand/hosts/comfyui-0.8.0.tar.gz"; break; fi
+    if [ -f "$cand/hosts/comfyui-$version.tar.gz" ]; then archive="$cand/hosts/comfyui-$version.tar.gz"; break; fi
   done
   rm -rf "$staging"
   mkdir -p "$COMFY_PARENT"
   if [ -n "$archive" ]; then
-    log "unpacking ComfyUI 0.8.0 from $archive"
+    log "unpacking ComfyUI $version from $archive"
     mkdir -p "$staging"
     tar -xzf "$archive" -C "$staging" --strip-components=1
   else
-    log "no comfyui-0.8.0.tar.gz in ../shared/hosts: cloning tag v0.8.0"
-    git clone --quiet --depth 1 --branch v0.8.0 https://github.com/comfyanonymous/ComfyUI "$staging"
+    log "no comfyui-$version.tar.gz in ../shared/hosts: cloning ${commit:-$ref}"
+    if [ -n "$commit" ]; then  # exactly that commit (GitHub serves a fetch by commit id)
+      git init --quiet "$staging"
+      git -C "$staging" fetch --quiet --depth 1 https://github.com/Comfy-Org/ComfyUI "$commit"
+      git -C "$staging" checkout --quiet FETCH_HEAD
+    else
+      git clone --quiet --depth 1 --branch "$ref" https://github.com/comfyanonymous/ComfyUI "$staging"
+    fi
   fi
-  grep -q '__version__ = "0.8.0"' "$staging/comfyui_version.py" || {
-    echo "[setup] $staging is not ComfyUI 0.8.0" >&2; exit 1; }
+  grep -q "__version__ = \"$version\"" "$staging/comfyui_version.py" || {
+    echo "[setup] $staging is not ComfyUI $version" >&2; exit 1; }
   mv "$staging" "$COMFY"
 }
+
+fetch_comfyui_080() { fetch_tree 0.8.0 v0.8.0; }
+# 0.33.0: its release commit ("ComfyUI v0.33.0"), fetched by id.
+fetch_comfyui_0330() { fetch_tree 0.33.0 v0.33.0 2f35f4a08176d993cded35dac3332be4f7287f41; }
 
 if [ ! -f "$COMFY/main.py" ]; then
   "fetch_comfyui_${COMFYUI//./}"
@@ -101,8 +122,13 @@ fi
 # What this venv must hold: the tree's own requirements (they follow the tree) under our pins,
 # plus the test tools. The stamp stores their hash, so editing any of them installs again.
 REQ_FILES=("$COMFY/requirements.txt" "$ROOT/tools/test-requirements.txt" "$ROOT/tools/constraints.txt")
-[ "$COMFYUI" = 0.3.75 ] || REQ_FILES+=("$ROOT/tools/comfyui-0.8.0-constraints.txt")
-WANT="$(cat "${REQ_FILES[@]}" "$ROOT/tools/torchvision_cpu_shim.py" | sha256sum | cut -c1-16)"
+SHIMS=("$ROOT/tools/torchvision_cpu_shim.py")
+case "$COMFYUI" in
+  0.8.0) REQ_FILES+=("$ROOT/tools/comfyui-0.8.0-constraints.txt") ;;
+  0.33.0) REQ_FILES+=("$ROOT/tools/comfyui-0.33.0-constraints.txt")
+          SHIMS+=("$ROOT/tools/torchaudio_cpu_shim.py") ;;
+esac
+WANT="$(cat "${REQ_FILES[@]}" "${SHIMS[@]}" | sha256sum | cut -c1-16)"
 if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
   log "installing torch (CPU) and ComfyUI $COMFYUI requirements into $VENV"
   "${PIP[@]}" install --quiet "${CONSTRAINTS[@]}" torch==2.13.0
@@ -115,6 +141,12 @@ if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
   SITE="$("$VPY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
   cp "$ROOT/tools/torchvision_cpu_shim.py" "$SITE/_cfg_distill_tv_shim.py"
   echo "import _cfg_distill_tv_shim" > "$SITE/_cfg_distill_tv_shim.pth"
+  if [ "$COMFYUI" = 0.33.0 ]; then
+    # No CPU torchaudio for torch 2.13 on PyPI, and ComfyUI 0.33 imports it at start-up
+    # (comfy/sd.py): a stand-in that imports and refuses audio work, only in this test venv.
+    cp "$ROOT/tools/torchaudio_cpu_shim.py" "$SITE/_cfg_distill_ta_shim.py"
+    echo "import _cfg_distill_ta_shim" > "$SITE/_cfg_distill_ta_shim.pth"
+  fi
   echo "$WANT" > "$STAMP"
 fi
 
