@@ -129,6 +129,10 @@ setup_forge() {
   local base="$W/forge" app="$W/forge/stable-diffusion-webui-forge"
   mkdir -p "$base"
   unpack_or_clone "$FORGE_SRC" "$app"
+  # The full UI (the tests that start it without --api) mounts the assets its launcher clones; the
+  # same commit as A1111's (Forge's launch_utils.py ASSETS_COMMIT_HASH).
+  mkdir -p "$app/repositories"
+  unpack_or_clone "${A1111_REPOS[0]}" "$app/repositories/stable-diffusion-webui-assets"
   # huggingface_guess (cloned by Forge's launcher) is on PyPI; joblib is missing from its pins.
   make_venv "$base/venv" "$app/requirements_versions.txt" huggingface-guess==0.1.0 joblib
 }

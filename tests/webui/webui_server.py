@@ -152,25 +152,29 @@ class Webui:
         return out, calls
 
 
-def _start(name: str, tmp_root: str) -> Webui:
+def _start(name: str, tmp_root: str, variant: str = "", add_flags=(), drop_flags=()) -> Webui:
+    """Start webui `name` on a fresh data folder. A variant (its own data folder and log) starts
+    with COMMON_FLAGS less drop_flags plus add_flags, e.g. --api-auth, or the UI without --api."""
     base = os.path.join(WEBUIS, name)
     app = os.path.join(WEBUIS, HOSTS[name]["app"])
     python = os.path.join(base, "venv", "bin", "python")
     if not os.path.exists(os.path.join(base, "venv", STAMP)):
         pytest.skip(f"{name} is not set up here: run `bash tools/setup_webuis.sh {name}` "
                     f"(tools/test.sh does it)")
-    data = os.path.join(tmp_root, name)
+    data = os.path.join(tmp_root, name + (f"-{variant}" if variant else ""))
     os.makedirs(data)
     shared = _shared_models(tmp_root, name)
     _make_data(name, data, shared)
     port = _free_port()
-    log = os.path.join(ROOT, "test-artifacts", f"webui-{name}.log")  # kept after the run (git-ignored)
+    log = os.path.join(ROOT, "test-artifacts",  # kept after the run (git-ignored)
+                       f"webui-{name}{'-' + variant if variant else ''}.log")
     os.makedirs(os.path.dirname(log), exist_ok=True)
     env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1", HF_HOME=os.path.join(WEBUIS, "hf-cache"),
                HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
                TORCH_NUM_THREADS="1", PYTHONUNBUFFERED="1", COMMANDLINE_ARGS="")
     env.pop("PYTHONPATH", None)
-    cmd = ["nice", "-n", "10", python, "launch.py", *COMMON_FLAGS, *HOSTS[name]["flags"],
+    flags = [f for f in COMMON_FLAGS if f not in drop_flags] + list(add_flags)
+    cmd = ["nice", "-n", "10", python, "launch.py", *flags, *HOSTS[name]["flags"],
            "--port", str(port), "--data-dir", data,
            "--ckpt-dir", os.path.join(shared, "Stable-diffusion")]
     with open(log, "w") as f:
@@ -188,6 +192,15 @@ def _start(name: str, tmp_root: str) -> Webui:
         time.sleep(2)
     proc.kill()
     raise RuntimeError(f"{name} did not start within {START_TIMEOUT:.0f} s:\n{ui.tail()}")
+
+
+def stop(ui: Webui) -> None:
+    ui.proc.terminate()
+    try:
+        ui.proc.wait(60)
+    except subprocess.TimeoutExpired:
+        ui.proc.kill()
+        ui.proc.wait(30)
 
 
 _SERVERS: dict[str, Webui] = {}
