@@ -11,14 +11,16 @@ core. How it hooks in (the smallest hook that works in A1111, Forge, reForge and
 - A1111 runs the negative pass even at CFG 1; only opts.skip_early_cond (1.0 = all steps) skips it.
   We never write that option: the host reads it as `shared.opts.skip_early_cond`, an attribute
   that Options serves from opts.data through __getattr__, which Python consults only when the
-  Options object has no attribute of that name itself. So we put 1.0 on the object itself
+  Options object has no attribute of that name itself. So we put the value on the object itself
   (logic.OptionShadow), never into opts.data, which is all that any settings save writes: no save,
   from any thread at any time, can persist it, and the user's value is never touched. The shadow
   is up from the end of our on_cfg_denoiser callback until the host records the skip in
   p.extra_generation_params a few lines later (before the model call); on_cfg_denoised,
   postprocess and the next run's process() remove it too, should that record not come. While we
   skip, the image conditioning rows of the skipped negative are trimmed (A1111 trims x and sigma
-  but not image_cond: inpainting models).
+  but not image_cond: inpainting models). The value is max(1, step / total_steps) of the host's
+  denoiser: the host skips while step / total_steps <= the option, and samplers that call the model
+  more often than the host counts steps (DPM adaptive) pass 1.0 within a run.
   Forge skips the pass by itself at CFG 1 but then never encodes the negative (text_uncond is
   None): we encode it ourselves when the mode needs it.
 """
@@ -186,7 +188,7 @@ def _skip_this_step(p, params) -> None:
     callbacks; _SkipRecord takes the shadow down when the host records the skip."""
     if not isinstance(p.extra_generation_params, _SkipRecord):
         p.extra_generation_params = _SkipRecord(p.extra_generation_params)
-    if not SKIP.apply(shared.opts, p.extra_generation_params.token):
+    if not SKIP.apply(shared.opts, p.extra_generation_params.token, _skip_value(params.denoiser)):
         return  # _can_skip checked the host; a host that does not read the shadow runs both passes
     uncond = params.text_uncond
     n_uncond = logic.rows_of(uncond) if uncond is not None else 0
@@ -195,6 +197,16 @@ def _skip_this_step(p, params) -> None:
     if (n_uncond and isinstance(image_cond, torch.Tensor) and image_cond.ndim > 0
             and image_cond.shape[0] == params.x.shape[0] > n_uncond):
         params.image_cond = image_cond[:-n_uncond]
+
+
+def _skip_value(denoiser) -> float:
+    """The smallest skip_early_cond with which the host skips this call's negative pass: it skips
+    while denoiser.step / denoiser.total_steps <= the option, and DPM adaptive (any number of model
+    calls) counts step past total_steps within a run; 1.0 where the counters cannot be read."""
+    try:
+        return max(1.0, float(denoiser.step) / float(denoiser.total_steps))
+    except (AttributeError, TypeError, ValueError, ZeroDivisionError):
+        return 1.0
 
 
 class _SkipRecord(dict):

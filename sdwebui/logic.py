@@ -219,8 +219,9 @@ class OptionShadow:
     save, from any thread at any moment, can write it, and the user's value in opts.data is never
     touched (a change made meanwhile on the settings page stays exactly as made).
 
-    - apply(opts, token) checks that the host really reads the option through the shadow and leaves
-      opts.data alone (`reads_through`); if not, it undoes itself and returns False.
+    - apply(opts, token, value) checks that the host really reads the option through the shadow and
+      leaves opts.data alone (`reads_through`); if not, it undoes itself and returns False. value
+      (default: the one given at construction) may differ per call.
     - restore(opts, token) only acts for the run that applied (a late safety net of an old run must
       not end a newer run's shadow); restore(opts) always acts, and also removes a shadow that an
       earlier copy of this module left (a script reload), recognised by its value's type.
@@ -229,7 +230,7 @@ class OptionShadow:
     def __init__(self, key: str, value: float):
         self.key, self.value = key, float(value)
         self._token = None
-        self._user = None
+        self._user = self._applied = None
 
     @property
     def active(self) -> bool:
@@ -248,14 +249,15 @@ class OptionShadow:
                 and "__getattr__" in dir(cls) and cls.__getattribute__ is object.__getattribute__
                 and not hasattr(cls, key))
 
-    def apply(self, opts, token) -> bool:
+    def apply(self, opts, token, value: float | None = None) -> bool:
         self.restore(opts)
         if not self.reads_through(opts, self.key):
             return False
         data = opts.data
         self._user = data.get(self.key)
         before = dict(data)
-        shadow = _ShadowFloat(self.value)
+        shadow = _ShadowFloat(self.value if value is None else value)
+        self._applied = float(shadow)
         object.__setattr__(opts, self.key, shadow)
         self._token = token
         if getattr(opts, self.key, None) is not shadow or opts.data is not data or data != before:
@@ -265,7 +267,7 @@ class OptionShadow:
 
     def overrode(self, token) -> bool:
         """True while the run with this token makes the host read a value the user does not have."""
-        return self.active and token is self._token and self._user != self.value
+        return self.active and token is self._token and self._user != self._applied
 
     def restore(self, opts, token=None) -> bool:
         """Remove the shadow; True if this call ended this object's active shadow."""
@@ -275,7 +277,7 @@ class OptionShadow:
         if getattr(own.get(self.key), "cfg_distill_shadow", False):
             own.pop(self.key, None)
         ended = self._token is not None
-        self._token = self._user = None
+        self._token = self._user = self._applied = None
         return ended
 
 

@@ -325,6 +325,27 @@ def test_settings_dumped_from_another_thread_during_runs_never_hold_ours(make_we
     assert seen == {0.0}, seen
 
 
+def test_more_model_calls_than_the_host_counts_steps_still_one_row_each(make_webui, monkeypatch):
+    """DPM adaptive calls the model any number of times while the host's total_steps is the step
+    count; the host skips while step / total_steps <= the option, so 1.0 would stop skipping."""
+    env = make_webui("a1111", FakeSD1())
+    opts = env.shared.opts
+    opts.data["skip_early_cond"] = 0.25
+    launch = env.processing.Sampler.launch_sampling
+
+    def adaptive(self, steps, func):
+        def run():
+            self.model_wrap_cfg.total_steps = 2  # 8 calls against a count of 2
+            return func()
+        return launch(self, steps, run)
+
+    monkeypatch.setattr(env.processing.Sampler, "launch_sampling", adaptive)
+    p, processed = generate(env, dice(), prompt="a fox", steps=8)
+    assert [c["rows"] for c in env.shared.sd_model.inner_model.calls] == [1] * 8
+    assert opts.data["skip_early_cond"] == 0.25 and "skip_early_cond" not in vars(opts)
+    assert "Skip Early CFG" not in processed.infotexts[0]
+
+
 def test_skip_early_cond_kept_out_of_the_infotext(make_webui):
     env = make_webui("a1111", FakeSD1())
     p, processed = generate(env, dice(), prompt="a fox", steps=2)

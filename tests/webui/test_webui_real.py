@@ -222,3 +222,47 @@ def test_img2img_and_inpainting(webui):
     assert all(c == 9 for _, c in calls["shapes"]), calls["shapes"]
     assert "CFG distill: DICE" in _params(out)
     assert image_array(out["images"][0]).shape[:2] == (64, 64)
+
+
+SAMPLER_TABLE = os.path.join(ROOT, "test-artifacts", "webui_samplers.json")
+
+
+def _sampler_steps(sampler: str) -> int:
+    """Two steps, the fewest that show a second step; UniPC needs more steps than its order (3 by
+    default: 'UniPC order must be < sampling steps', the host's own assertion)."""
+    return 4 if sampler == "UniPC" else 2
+
+
+def test_every_listed_sampler_one_row_per_call_or_refused(webui):
+    """Every sampler the host lists (/sdapi/v1/samplers), DICE and TeEFusion at CFG 1, two steps:
+    every UNet call of the run has one row (batch 1), or the mode is refused with a note naming the
+    sampler (then the run is the host's own). The outcome per sampler goes to test-artifacts."""
+    samplers = [s["name"] for s in webui.get("/sdapi/v1/samplers")]
+    assert len(samplers) >= 10, samplers
+    table, problems = {}, []
+    for sampler in samplers:
+        for mode in ("DICE", "TeEFusion"):
+            try:
+                out, calls = webui.generate(mode, steps=_sampler_steps(sampler), sampler_name=sampler)
+            except AssertionError as e:  # an HTTP error of the host: recorded, reported below
+                table[f"{sampler}|{mode}"] = {"error": str(e)[:300]}
+                problems.append((sampler, mode, "HTTP error"))
+                continue
+            note = out["info_dict"]["extra_generation_params"].get("CFG distill note", "")
+            applied = f"CFG distill: {mode}" in _params(out)
+            rows = calls["rows"]
+            table[f"{sampler}|{mode}"] = {"steps": _sampler_steps(sampler), "calls": len(rows),
+                                          "rows": sorted(set(rows)), "applied": applied, "note": note}
+            if applied and (not rows or set(rows) != {1}):
+                problems.append((sampler, mode, rows))
+            if not applied and sampler not in note:
+                problems.append((sampler, mode, f"not applied, and the note does not name it: {note!r}"))
+    os.makedirs(os.path.dirname(SAMPLER_TABLE), exist_ok=True)
+    everything = {}
+    if os.path.exists(SAMPLER_TABLE):
+        with open(SAMPLER_TABLE) as f:
+            everything = json.load(f)
+    everything[webui.name] = table
+    with open(SAMPLER_TABLE, "w") as f:
+        json.dump(everything, f, indent=1)
+    assert not problems, problems
