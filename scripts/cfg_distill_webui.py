@@ -332,7 +332,7 @@ class CfgDistillScript(scripts.Script):
         if not settings.active:
             return
         forge = _host_is_forge()
-        problem = logic.and_prompt_problem(_and_weights(p))
+        problem = _sampler_problem(p, settings.mode) or logic.and_prompt_problem(_and_weights(p))
         if problem:
             _say(p, f"[cfg-distill] {problem} This image is generated without {settings.mode}.")
             return
@@ -421,6 +421,24 @@ def _paste_refiner(params):
     names = STORE.names()
     name = logic.resolve_refiner(found["refiner"], found["refiner_hash"], names, STORE.short_hash)
     return gr.update(choices=names, value=name) if name else gr.update(choices=names)
+
+
+def _sampler_problem(p, mode: str) -> str | None:
+    """reForge's CFG++ samplers (its ldm_patched k-diffusion) switch its CFG-1 shortcut off
+    (disable_cfg1_optimization): their renoising step uses the negative prompt's prediction, so
+    the negative pass runs at every step even at CFG 1. A1111's and Forge's DDIM CFG++ make one
+    pass per step at CFG 1 (measured: tests/webui, every listed sampler)."""
+    if importlib.util.find_spec("ldm_patched") is None:
+        return None
+    names = [getattr(p, "sampler_name", None)]
+    if getattr(p, "enable_hr", False):
+        names.append(getattr(p, "hr_sampler_name", None))
+    for name in names:
+        if isinstance(name, str) and "CFG++" in name:
+            return (f"The sampler '{name}' evaluates the negative prompt at every step on this webui, even "
+                    f"at CFG 1 (CFG++ renoises with its prediction), so {mode} cannot make it one model "
+                    f"pass per step: pick a sampler without CFG++.")
+    return None
 
 
 def _and_weights(p) -> list[list[float]]:

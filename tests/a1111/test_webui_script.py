@@ -346,6 +346,20 @@ def test_more_model_calls_than_the_host_counts_steps_still_one_row_each(make_web
     assert "Skip Early CFG" not in processed.infotexts[0]
 
 
+def test_a_cfgpp_sampler_on_reforge_is_refused_naming_it(make_webui, tmp_path, monkeypatch):
+    """reForge (its backend is ldm_patched) runs the negative pass at CFG 1 for CFG++ samplers."""
+    (tmp_path / "ldm_patched").mkdir()
+    (tmp_path / "ldm_patched" / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    env = make_webui("forge", FakeSD1())
+    p, processed = generate(env, dice(), prompt="a fox", steps=2, sampler_name="Euler CFG++")
+    note = p.extra_generation_params.get("CFG distill note", "")
+    assert "'Euler CFG++'" in note and "without DICE" in note, note
+    assert "CFG distill: DICE" not in processed.infotexts[0]
+    p, processed = generate(env, dice(), prompt="a fox", steps=2, sampler_name="Euler")
+    assert "CFG distill: DICE" in processed.infotexts[0]
+
+
 def test_skip_early_cond_kept_out_of_the_infotext(make_webui):
     env = make_webui("a1111", FakeSD1())
     p, processed = generate(env, dice(), prompt="a fox", steps=2)

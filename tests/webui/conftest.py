@@ -21,9 +21,9 @@ def _host(item):
 
 
 def pytest_collection_modifyitems(session, config, items):
-    """All a1111 tests, then all forge tests (across the files): one shared server start per webui;
+    """All a1111 tests, then all forge tests, then all reforge tests (across the files): one shared server start per webui;
     the tests with their own server of a webui run after those of its shared one."""
-    order = {"a1111": 0, "forge": 1}
+    order = {"a1111": 0, "forge": 1, "reforge": 2}
     idx = [i for i, item in enumerate(items) if _host(item)[0] in order]
     ours = sorted((items[i] for i in idx), key=lambda it: (order[_host(it)[0]], _host(it)[1]))
     for i, item in zip(idx, ours):

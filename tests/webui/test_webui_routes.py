@@ -13,7 +13,7 @@ import os
 import pytest
 import requests
 
-from webui_server import _start, stop
+from webui_server import NAMES, _start, stop
 
 pytestmark = pytest.mark.webui
 
@@ -36,7 +36,7 @@ def _log(ui) -> str:
         return f.read()
 
 
-@pytest.mark.parametrize("host", ["a1111", "forge"])
+@pytest.mark.parametrize("host", NAMES)
 def test_route_is_guarded_by_the_hosts_api_auth(host, webui_root):
     creds = ",".join(f"{u}:{p}" for u, p in USERS.items())
     ui = _start(host, webui_root, "api-auth", add_flags=["--api-auth", creds])
@@ -57,6 +57,10 @@ def test_route_is_guarded_by_the_hosts_api_auth(host, webui_root):
                           timeout=60)
         assert r.status_code == 400 and "colour" in r.text, (r.status_code, r.text[:500])
         r = requests.post(url + ROUTE, json=BODY, auth=("cfg", "s3cret"), timeout=600)
+        if host == "reforge":  # past the guard, into the training path's known gap on reForge (see
+            # test_webui_training._known_gap); this fails once training works there: then drop it
+            assert r.status_code == 500 and "No module named 'backend'" in r.text, (r.status_code, r.text[:500])
+            return
         assert r.status_code == 200, (r.status_code, r.text[:2000], ui.tail())
         out = r.json()
         assert out["ok"], out["message"]
@@ -65,7 +69,7 @@ def test_route_is_guarded_by_the_hosts_api_auth(host, webui_root):
         stop(ui)
 
 
-@pytest.mark.parametrize("host", ["a1111", "forge"])
+@pytest.mark.parametrize("host", NAMES)
 def test_route_does_not_exist_without_the_hosts_api(host, webui_root):
     """The full UI without --api (and with the gradio login, which these hosts never put on their
     API): the host has no /sdapi/v1/*, and the extension adds no route either."""

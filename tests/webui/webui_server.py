@@ -1,4 +1,4 @@
-"""Real AUTOMATIC1111 1.10.1 and Forge servers (API mode, CPU, offline) with cfg-distill installed.
+"""Real AUTOMATIC1111 1.10.1, Forge and reForge servers (API mode, CPU, offline) with cfg-distill installed.
 
 tools/setup_webuis.sh builds them into .webuis/ (tools/test.sh runs it). One server per webui per
 test session, started on first use with a fresh data folder:
@@ -41,7 +41,10 @@ HOSTS = {
         # files here are the TAESD tensors this test wrote a moment ago.
         "--disable-safe-unpickle"]),
     "forge": dict(app="forge/stable-diffusion-webui-forge", flags=["--always-cpu"]),
+    # reForge (Panchovix, 2026-03): the Forge-style ldm_patched backend on A1111's front end.
+    "reforge": dict(app="reforge/stable-diffusion-webui-reForge", flags=["--always-cpu", "--skip-torch-cuda-test"]),
 }
+NAMES = list(HOSTS)
 COMMON_FLAGS = ["--skip-prepare-environment", "--skip-install", "--skip-version-check", "--api",
                 "--nowebui", "--server-name", "127.0.0.1", "--no-download-sd-model"]
 START_TIMEOUT = float(os.environ.get("CFG_DISTILL_WEBUI_START_TIMEOUT", "400"))
@@ -108,7 +111,8 @@ class Webui:
 
     @property
     def forge(self) -> bool:
-        return self.name == "forge"
+        """Forge or reForge: their backend skips the negative pass at CFG 1 by itself."""
+        return self.name in ("forge", "reforge")
 
     def get(self, path, **kw):
         r = requests.get(self.url + path, timeout=600, **kw)
@@ -220,9 +224,10 @@ def webui_root(tmp_path_factory):
     shutil.rmtree(root, ignore_errors=True)  # ~600 MB of checkpoints: not kept in pytest's basetemp
 
 
-@pytest.fixture(scope="session", params=["a1111", "forge"])
+@pytest.fixture(scope="session", params=NAMES)
 def webui(request, webui_root):
-    """The real webui server (one per webui per session; the a1111 tests run first, then forge)."""
+    """The real webui server (one per webui per session; the a1111 tests run first, then forge,
+    then reforge)."""
     name = request.param
     if name not in _SERVERS:
         for other in list(_SERVERS):  # one server at a time keeps the 2-core machine usable
