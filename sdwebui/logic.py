@@ -201,6 +201,9 @@ def resolve_refiner(name: str, short_hash: str, available: Sequence[str],
 # cfg = 1; only opts.skip_early_cond, a fraction of steps, makes it skip).
 
 
+_ABSENT = object()
+
+
 class _ShadowFloat(float):
     """A shadowed option's value: a float the webui compares and prints like any other, marked so
     that any copy of this module (a reloaded script) can recognise and remove it."""
@@ -254,13 +257,15 @@ class OptionShadow:
         if not self.reads_through(opts, self.key):
             return False
         data = opts.data
-        self._user = data.get(self.key)
-        before = dict(data)
+        entry = data.get(self.key, _ABSENT)
+        self._user = None if entry is _ABSENT else entry
         shadow = _ShadowFloat(self.value if value is None else value)
         self._applied = float(shadow)
         object.__setattr__(opts, self.key, shadow)
         self._token = token
-        if getattr(opts, self.key, None) is not shadow or opts.data is not data or data != before:
+        # Only this option's entry is compared: settings saved meanwhile by another thread are fine.
+        if (getattr(opts, self.key, None) is not shadow or opts.data is not data
+                or data.get(self.key, _ABSENT) is not entry):
             self.restore(opts)  # not a host this works on: leave nothing behind
             return False
         return True
