@@ -16,7 +16,9 @@ core. How it fits into the webui (a1111.md "Training from a tab"):
   after loading and dropped after the run; generation's model is never changed. The model trained
   through is frozen for the run (its requires_grad flags are put back afterwards);
 - POST /cfg-distill/train (JSON, the tab's fields + optional eval_prompts): the same training for
-  headless webui users, under the same queue lock; answers with the message, losses and gap;
+  headless webui users, under the same queue lock; answers with the message, losses and gap. It
+  exists only when the host's API does (--api / --nowebui) and carries the host's own guards
+  (--api-auth: the host's HTTP basic check), copied from the host's /sdapi/v1/options route;
 - refiners are saved into the folder the generation accordion lists (--dice-refiners-dir or
   models/dice_refiners) with the training state beside them (<name>.dice-train-state) for Resume.
 """
@@ -329,15 +331,46 @@ def train_api(body: dict) -> dict:
                                              "ratio": gap.ratio, "samples": gap.samples}}
 
 
+HOST_API_ROUTE = ("/sdapi/v1/options", "POST")  # the host's own settings-writing API route
+ROUTE = "/cfg-distill/train"
+
+
+def host_api_route(app):
+    """The host's own POST /sdapi/v1/options on this app, or None when the host's API is off.
+
+    A1111, Forge and reForge add it (with all of /sdapi/v1/*, through their Api class) only when
+    their API is on (--api, or --nowebui), and with --api-auth it carries the host's own
+    `Depends(Api.auth)` (HTTP basic against the host's credentials); none of them puts the gradio
+    login (--gradio-auth) on its API. Any other /sdapi/v1/ path proves nothing: the built-in Lora
+    extension adds /sdapi/v1/loras to the app with the API off, unguarded."""
+    path, method = HOST_API_ROUTE
+    for route in getattr(app, "routes", None) or []:
+        if (getattr(route, "path", None) == path and method in (getattr(route, "methods", None) or ())
+                and hasattr(route, "dependencies")):
+            return route
+    return None
+
+
 def on_app_started(demo, app):
+    """POST /cfg-distill/train, only where the host serves its own API, and guarded by exactly the
+    dependencies (the host's auth check, with the host's credentials) that guard the host's route:
+    a request the host would refuse is refused before the endpoint runs, so it starts nothing."""
     from fastapi import Body, HTTPException
 
-    @app.post("/cfg-distill/train")
+    host = host_api_route(app)
+    if host is None:
+        print(f"[cfg-distill] the webui's API is off (start it with --api): {ROUTE} is not added")
+        return
+    app_level = list(getattr(getattr(app, "router", None), "dependencies", None) or [])
+    guards = [d for d in host.dependencies if d not in app_level]  # the app adds its own again
+
     def _train(body: dict = Body(...)):
         try:
             return train_api(body)
         except ValueError as e:
             raise HTTPException(status_code=400, detail=str(e))
+
+    app.add_api_route(ROUTE, _train, methods=["POST"], dependencies=guards)
 
 
 script_callbacks.on_ui_tabs(on_ui_tabs)

@@ -9,12 +9,18 @@ core. How it hooks in (the smallest hook that works in A1111, Forge, reForge and
 - The callback does nothing unless process() of this AlwaysVisible script put a run state on p
   for the current run (process() sets or clears it on every run, so stale state never applies).
 - A1111 runs the negative pass even at CFG 1; only opts.skip_early_cond (1.0 = all steps) skips it.
-  It lives in opts.data, which any settings save writes to config.json, so we hold it for the
-  shortest window there is: set at the end of our on_cfg_denoiser callback, and put back when the
-  host records the skip in p.extra_generation_params a few lines later (before the model call, so
-  an exception in the model cannot leave it set); on_cfg_denoised, postprocess and the next run's
-  process() restore too, should that record not come. While we skip, the image conditioning rows of
-  the skipped negative are trimmed (A1111 trims x and sigma but not image_cond: inpainting models).
+  We never write that option: the host reads it as `shared.opts.skip_early_cond`, an attribute
+  that Options serves from opts.data through __getattr__, which Python consults only when the
+  Options object has no attribute of that name itself. So we put the value on the object itself
+  (logic.OptionShadow), never into opts.data, which is all that any settings save writes: no save,
+  from any thread at any time, can persist it, and the user's value is never touched. The shadow
+  is up from the end of our on_cfg_denoiser callback until the host records the skip in
+  p.extra_generation_params a few lines later (before the model call); on_cfg_denoised,
+  postprocess and the next run's process() remove it too, should that record not come. While we
+  skip, the image conditioning rows of the skipped negative are trimmed (A1111 trims x and sigma
+  but not image_cond: inpainting models). The value is max(1, step / total_steps) of the host's
+  denoiser: the host skips while step / total_steps <= the option, and samplers that call the model
+  more often than the host counts steps (DPM adaptive) pass 1.0 within a run.
   Forge skips the pass by itself at CFG 1 but then never encodes the negative (text_uncond is
   None): we encode it ourselves when the mode needs it, with the schedule the host uses for that
   pass (the hires pass: first-pass steps plus hires steps).
@@ -56,7 +62,7 @@ def refiner_folder() -> str:
 
 
 STORE = logic.RefinerStore(lambda: [refiner_folder(), BUNDLED_FOLDER])
-SKIP = logic.OptionOverride(SKIP_KEY, 1.0)
+SKIP = logic.OptionShadow(SKIP_KEY, 1.0)
 
 
 def _claim(extra: dict, run, applied: str | None) -> None:
@@ -88,7 +94,7 @@ def _say(p, text: str, note: bool = True) -> None:
 
 
 def _restore_skip(token=None) -> None:
-    SKIP.restore(shared.opts.data, token)
+    SKIP.restore(shared.opts, token)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -226,7 +232,11 @@ def _on_cfg_denoiser(params) -> None:
 
 def _skip_this_step(p, params) -> None:
     """A1111: skip this step's negative pass. The host reads opts.skip_early_cond right after the
-    callbacks; _SkipRecord puts the user's value back when the host records the skip."""
+    callbacks; _SkipRecord takes the shadow down when the host records the skip."""
+    if not isinstance(p.extra_generation_params, _SkipRecord):
+        p.extra_generation_params = _SkipRecord(p.extra_generation_params)
+    if not SKIP.apply(shared.opts, p.extra_generation_params.token, _skip_value(params.denoiser)):
+        return  # _can_skip checked the host; a host that does not read the shadow runs both passes
     uncond = params.text_uncond
     n_uncond = logic.rows_of(uncond) if uncond is not None else 0
     image_cond = params.image_cond
@@ -234,14 +244,21 @@ def _skip_this_step(p, params) -> None:
     if (n_uncond and isinstance(image_cond, torch.Tensor) and image_cond.ndim > 0
             and image_cond.shape[0] == params.x.shape[0] > n_uncond):
         params.image_cond = image_cond[:-n_uncond]
-    if not isinstance(p.extra_generation_params, _SkipRecord):
-        p.extra_generation_params = _SkipRecord(p.extra_generation_params)
-    SKIP.apply(shared.opts.data, p.extra_generation_params.token)
+
+
+def _skip_value(denoiser) -> float:
+    """The smallest skip_early_cond with which the host skips this call's negative pass: it skips
+    while denoiser.step / denoiser.total_steps <= the option, and DPM adaptive (any number of model
+    calls) counts step past total_steps within a run; 1.0 where the counters cannot be read."""
+    try:
+        return max(1.0, float(denoiser.step) / float(denoiser.total_steps))
+    except (AttributeError, TypeError, ValueError, ZeroDivisionError):
+        return 1.0
 
 
 class _SkipRecord(dict):
     """p.extra_generation_params while we skip: when the host writes its "Skip Early CFG" entry (the
-    moment it has read the option), the user's value goes back at once, and the entry is dropped
+    moment it has read the option), the shadow comes down at once, and the entry is dropped
     (our transient 1.0 is not the user's setting: pasted back it would outlive cfg-distill)."""
 
     def __init__(self, *args):
@@ -362,7 +379,7 @@ class CfgDistillScript(scripts.Script):
         if not settings.active:
             return
         forge = _host_is_forge()
-        problem = logic.and_prompt_problem(_and_weights(p))
+        problem = _sampler_problem(p, settings.mode) or logic.and_prompt_problem(_and_weights(p))
         if problem:
             _say(p, f"[cfg-distill] {problem} This image is generated without {settings.mode}.")
             return
@@ -498,6 +515,24 @@ def _paste_refiner(params):
     return gr.update(choices=names, value=name) if name else gr.update(choices=names)
 
 
+def _sampler_problem(p, mode: str) -> str | None:
+    """reForge's CFG++ samplers (its ldm_patched k-diffusion) switch its CFG-1 shortcut off
+    (disable_cfg1_optimization): their renoising step uses the negative prompt's prediction, so
+    the negative pass runs at every step even at CFG 1. A1111's and Forge's DDIM CFG++ make one
+    pass per step at CFG 1 (measured: tests/webui, every listed sampler)."""
+    if importlib.util.find_spec("ldm_patched") is None:
+        return None
+    names = [getattr(p, "sampler_name", None)]
+    if getattr(p, "enable_hr", False):
+        names.append(getattr(p, "hr_sampler_name", None))
+    for name in names:
+        if isinstance(name, str) and "CFG++" in name:
+            return (f"The sampler '{name}' evaluates the negative prompt at every step on this webui, even "
+                    f"at CFG 1 (CFG++ renoises with its prediction), so {mode} cannot make it one model "
+                    f"pass per step: pick a sampler without CFG++.")
+    return None
+
+
 def _and_weights(p) -> list[list[float]]:
     """The AND-subprompt weights of each prompt of this run (hires prompts included)."""
     prompts = list(getattr(p, "all_prompts", None) or [p.prompt])
@@ -565,6 +600,11 @@ def _can_skip(p) -> bool:
     if SKIP_KEY not in getattr(shared.opts, "data_labels", {SKIP_KEY: None}):
         print("[cfg-distill] this webui has no 'skip_early_cond' option (A1111 v1.10+): it runs the "
               "negative pass even at CFG 1, so the result is right but there is no speed-up.")
+        return False
+    if not logic.OptionShadow.reads_through(shared.opts, SKIP_KEY):
+        print("[cfg-distill] this webui's options do not read 'skip_early_cond' the way A1111 1.10 does, "
+              "and cfg-distill never changes your settings: it runs the negative pass even at CFG 1, so "
+              "the result is right but there is no speed-up.")
         return False
     model = getattr(p, "sd_model", None) or shared.sd_model
     if getattr(model, "cond_stage_key", None) == "edit":  # instruct-pix2pix: the skip breaks its CFG

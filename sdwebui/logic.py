@@ -298,58 +298,90 @@ def resolve_refiner(name: str, short_hash: str, available: Sequence[str],
 # skip_early_cond: one model pass per step on A1111 (it never skips the negative pass because
 # cfg = 1; only opts.skip_early_cond, a fraction of steps, makes it skip).
 
-_MISSING = object()
+
+_ABSENT = object()
 
 
-class OptionOverride:
-    """Holds one option at a fixed value for one run and puts the user's value back.
+class _ShadowFloat(float):
+    """A shadowed option's value: a float the webui compares and prints like any other, marked so
+    that any copy of this module (a reloaded script) can recognise and remove it."""
 
-    States: idle --apply(token)--> active --restore()--> idle.
-    - apply() first restores a stale override (a run that failed before its restore), so the
-      user's value, never ours, is what gets saved.
-    - restore(token) only acts for the run that applied (a late safety net of an old run must not
-      undo a newer run's override); restore() without token always acts.
-    - The value is put back only if the option still holds ours: a value someone set meanwhile
-      (the settings page, another script) is left alone.
-    Works on the options' data dict directly: the value is transient, not a settings change
-    (Options.__setattr__ would refuse it under --freeze-settings and save it to config.json).
+    cfg_distill_shadow = True
+
+
+class OptionShadow:
+    """Makes the webui READ one option as a fixed value, without changing any setting.
+
+    The webui's Options keeps every setting in opts.data: the settings page, quicksettings,
+    /sdapi/v1/options and Options.save (config.json) read and write that dict and nothing else.
+    Reading `opts.key` goes through Options.__getattr__, which Python calls only when ordinary
+    attribute lookup fails, so a value in the Options object's own __dict__ wins over opts.data.
+    The shadow lives there (object.__setattr__, past Options.__setattr__), never in opts.data: no
+    save, from any thread at any moment, can write it, and the user's value in opts.data is never
+    touched (a change made meanwhile on the settings page stays exactly as made).
+
+    - apply(opts, token, value) checks that the host really reads the option through the shadow and
+      leaves opts.data alone (`reads_through`); if not, it undoes itself and returns False. value
+      (default: the one given at construction) may differ per call.
+    - restore(opts, token) only acts for the run that applied (a late safety net of an old run must
+      not end a newer run's shadow); restore(opts) always acts, and also removes a shadow that an
+      earlier copy of this module left (a script reload), recognised by its value's type.
     """
 
-    def __init__(self, key: str, value):
-        self.key, self.value = key, value
-        self._saved = _MISSING
+    def __init__(self, key: str, value: float):
+        self.key, self.value = key, float(value)
         self._token = None
-        self._active = False
+        self._user = self._applied = None
 
     @property
     def active(self) -> bool:
-        return self._active
+        return self._token is not None
 
     @property
     def token(self):
         return self._token
 
-    def apply(self, data: dict, token) -> None:
-        self.restore(data)
-        self._saved = data.get(self.key, _MISSING)
-        data[self.key] = self.value
-        self._token, self._active = token, True
+    @staticmethod
+    def reads_through(opts, key: str) -> bool:
+        """Whether a value in opts.__dict__ would be what `opts.key` returns: the class serves
+        options through __getattr__ (not a custom __getattribute__, __slots__ or a descriptor)."""
+        cls = type(opts)
+        return (hasattr(opts, "__dict__") and isinstance(getattr(opts, "data", None), dict)
+                and "__getattr__" in dir(cls) and cls.__getattribute__ is object.__getattribute__
+                and not hasattr(cls, key))
+
+    def apply(self, opts, token, value: float | None = None) -> bool:
+        self.restore(opts)
+        if not self.reads_through(opts, self.key):
+            return False
+        data = opts.data
+        entry = data.get(self.key, _ABSENT)
+        self._user = None if entry is _ABSENT else entry
+        shadow = _ShadowFloat(self.value if value is None else value)
+        self._applied = float(shadow)
+        object.__setattr__(opts, self.key, shadow)
+        self._token = token
+        # Only this option's entry is compared: settings saved meanwhile by another thread are fine.
+        if (getattr(opts, self.key, None) is not shadow or opts.data is not data
+                or data.get(self.key, _ABSENT) is not entry):
+            self.restore(opts)  # not a host this works on: leave nothing behind
+            return False
+        return True
 
     def overrode(self, token) -> bool:
-        """True while the run with this token holds the option at a value the user did not have."""
-        return self._active and token is self._token and self._saved != self.value
+        """True while the run with this token makes the host read a value the user does not have."""
+        return self.active and token is self._token and self._user != self._applied
 
-    def restore(self, data: dict, token=None) -> bool:
-        """Put the user's value back; True if this call ended an active override."""
-        if not self._active or (token is not None and token is not self._token):
+    def restore(self, opts, token=None) -> bool:
+        """Remove the shadow; True if this call ended this object's active shadow."""
+        if token is not None and token is not self._token:
             return False
-        if data.get(self.key, _MISSING) == self.value:
-            if self._saved is _MISSING:
-                data.pop(self.key, None)
-            else:
-                data[self.key] = self._saved
-        self._saved, self._token, self._active = _MISSING, None, False
-        return True
+        own = vars(opts) if hasattr(opts, "__dict__") else {}
+        if getattr(own.get(self.key), "cfg_distill_shadow", False):
+            own.pop(self.key, None)
+        ended = self._token is not None
+        self._token = self._user = self._applied = None
+        return ended
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,10 +5,11 @@
 #   .webuis/a1111/venv
 #   .webuis/forge/stable-diffusion-webui-forge
 #   .webuis/forge/venv
+#   .webuis/reforge/stable-diffusion-webui-reForge (+ repositories/), .webuis/reforge/venv
 #   .webuis/hf-cache                        (openai/clip-vit-large-patch14 tokenizer + config only)
 # Sources: the unmodified archives in <repo>/../shared/hosts/ (CFG_DISTILL_HOSTS overrides); where
 # they are absent, `git clone` of the public repositories at the same commits.
-#   bash tools/setup_webuis.sh            # both
+#   bash tools/setup_webuis.sh            # all three
 #   bash tools/setup_webuis.sh a1111      # one of them
 # Needs tools/setup_env.sh to have run (ComfyUI's sd1_tokenizer files build the tokenizer cache).
 set -euo pipefail
@@ -28,6 +29,7 @@ HOSTS="$(find_hosts || true)"
 # name|repository|commit (as ../shared/hosts/README.md)
 A1111_SRC="stable-diffusion-webui-1.10.1|https://github.com/AUTOMATIC1111/stable-diffusion-webui|82a973c04367123ae98bd9abdf80d9eda9b910e2"
 FORGE_SRC="stable-diffusion-webui-forge|https://github.com/lllyasviel/stable-diffusion-webui-forge|dfdcbab685e57677014f05a3309b48cc87383167"
+REFORGE_SRC="stable-diffusion-webui-reForge|https://github.com/Panchovix/stable-diffusion-webui-reForge|3b56b268ad9158ee8b30900973b6ccda4ec22241"
 # What A1111's launcher clones into repositories/ (folder|repo|commit).
 A1111_REPOS=(
   "stable-diffusion-webui-assets|https://github.com/AUTOMATIC1111/stable-diffusion-webui-assets|6f7db241d2f8ba7457bac5ca9753331f0c266917"
@@ -129,19 +131,42 @@ setup_forge() {
   local base="$W/forge" app="$W/forge/stable-diffusion-webui-forge"
   mkdir -p "$base"
   unpack_or_clone "$FORGE_SRC" "$app"
+  # The full UI (the tests that start it without --api) mounts the assets its launcher clones; the
+  # same commit as A1111's (Forge's launch_utils.py ASSETS_COMMIT_HASH).
+  mkdir -p "$app/repositories"
+  unpack_or_clone "${A1111_REPOS[0]}" "$app/repositories/stable-diffusion-webui-assets"
   # huggingface_guess (cloned by Forge's launcher) is on PyPI; joblib is missing from its pins.
   make_venv "$base/venv" "$app/requirements_versions.txt" huggingface-guess==0.1.0 joblib
+}
+
+setup_reforge() {
+  local base="$W/reforge" app="$W/reforge/stable-diffusion-webui-reForge"
+  mkdir -p "$base"
+  unpack_or_clone "$REFORGE_SRC" "$app"
+  # Its launcher clones the same assets, k-diffusion, BLIP and generative-models commits as A1111's,
+  # and Stable Diffusion (ldm) from a mirror (joypaul162/Stability-AI-stablediffusion f16630a) of
+  # the repository A1111 pins at cf1d67a: the archive of that commit stands in for it.
+  mkdir -p "$app/repositories"
+  for spec in "${A1111_REPOS[@]}"; do
+    unpack_or_clone "$spec" "$app/repositories/${spec%%|*}"
+  done
+  # Its pins install a pydantic 1.10.15 wheel from a GitHub release: PyPI's pydantic 1.10.15.
+  local req="$base/requirements_versions.txt"
+  sed -e 's|^https://github.com/Panchovix/pydantic-fixreforge/.*|pydantic==1.10.15|' \
+    "$app/requirements_versions.txt" > "$req"
+  make_venv "$base/venv" "$req" openai-clip==1.0.1 joblib
 }
 
 mkdir -p "$W"
 [ -n "$HOSTS" ] && log "host archives: $HOSTS" || log "no host archives found: cloning from GitHub"
 make_hf_cache
-targets=("$@"); [ ${#targets[@]} -eq 0 ] && targets=(a1111 forge)
+targets=("$@"); [ ${#targets[@]} -eq 0 ] && targets=(a1111 forge reforge)
 for t in "${targets[@]}"; do
   case "$t" in
     a1111) setup_a1111 ;;
     forge) setup_forge ;;
-    *) echo "unknown webui '$t' (a1111 | forge)" >&2; exit 2 ;;
+    reforge) setup_reforge ;;
+    *) echo "unknown webui '$t' (a1111 | forge | reforge)" >&2; exit 2 ;;
   esac
 done
 log "done: $W"

@@ -18,46 +18,87 @@ def settings(mode, **kw):
     return logic.Settings(mode=mode, refiner="r.safetensors", **kw)
 
 
-# -- skip_early_cond state machine ------------------------------------------------------------
+# -- skip_early_cond: a shadow the webui reads, never a setting -------------------------------
 
-def test_override_restores_the_users_value_or_absence():
-    o, data = logic.OptionOverride("skip_early_cond", 1.0), {"skip_early_cond": 0.3}
-    t = object()
-    o.apply(data, t)
-    assert data["skip_early_cond"] == 1.0 and o.active and o.overrode(t)
-    assert o.restore(data, t) and data["skip_early_cond"] == 0.3 and not o.active
-    assert not o.restore(data), "idempotent"
+class _Options:
+    """The webui's Options the way it serves a setting: opts.data, read through __getattr__."""
 
-    data = {}
-    o.apply(data, t)
-    o.restore(data)
-    assert data == {}
+    def __init__(self, data):
+        object.__setattr__(self, "data", data)
+
+    def __getattr__(self, item):
+        data = object.__getattribute__(self, "data")
+        if item in data:
+            return data[item]
+        return 0.0 if item in ("skip_early_cond", "k") else object.__getattribute__(self, item)
+
+    def __setattr__(self, key, value):
+        self.data[key] = value  # a settings change goes to opts.data, like the webui's
 
 
-def test_override_ignores_a_late_safety_net_of_an_older_run():
-    o, data = logic.OptionOverride("k", 1.0), {"k": 0.5}
+def test_shadow_is_read_but_never_in_the_settings():
+    import json
+    opts = _Options({"skip_early_cond": 0.3})
+    o, t = logic.OptionShadow("skip_early_cond", 1.0), object()
+    assert o.apply(opts, t) and o.active and o.overrode(t)
+    assert opts.skip_early_cond == 1.0, "what the host's `shared.opts.skip_early_cond` reads"
+    assert opts.data == {"skip_early_cond": 0.3} and json.loads(json.dumps(opts.data)) == {"skip_early_cond": 0.3}
+    opts.skip_early_cond = 0.6  # the settings page while the shadow is up: kept exactly as set
+    assert opts.data == {"skip_early_cond": 0.6}
+    assert o.restore(opts, t) and not o.active
+    assert opts.skip_early_cond == 0.6 and opts.data == {"skip_early_cond": 0.6}
+    assert not o.restore(opts), "idempotent"
+
+    opts = _Options({})  # a user who never touched the option
+    o.apply(opts, t)
+    assert opts.skip_early_cond == 1.0 and opts.data == {}
+    o.restore(opts)
+    assert opts.skip_early_cond == 0.0 and opts.data == {}
+
+
+def test_shadow_ignores_a_late_safety_net_of_an_older_run():
+    opts = _Options({"k": 0.5})
+    o = logic.OptionShadow("k", 1.0)
     old, new = object(), object()
-    o.apply(data, old)
-    o.apply(data, new)  # the old run never restored: apply puts the user's value back first
-    assert not o.restore(data, old), "the old run's finaliser must not end the new run's override"
-    assert data["k"] == 1.0
-    o.restore(data, new)
-    assert data["k"] == 0.5, "the user's value, not ours, was saved"
+    o.apply(opts, old)
+    o.apply(opts, new)
+    assert not o.restore(opts, old), "the old run's finaliser must not end the new run's shadow"
+    assert opts.k == 1.0
+    o.restore(opts, new)
+    assert opts.k == 0.5 and opts.data == {"k": 0.5}
 
 
-def test_override_leaves_a_value_someone_else_set_meanwhile():
-    o, data = logic.OptionOverride("k", 1.0), {"k": 0.5}
-    o.apply(data, object())
-    data["k"] = 0.7  # the settings page or another script
-    o.restore(data)
-    assert data["k"] == 0.7 and not o.active
+def test_shadow_left_by_an_earlier_copy_of_the_module_is_removed():
+    opts = _Options({"k": 0.5})
+    logic.OptionShadow("k", 1.0).apply(opts, object())  # a module copy that was reloaded away
+    assert opts.k == 1.0
+    logic.OptionShadow("k", 1.0).restore(opts)  # the new copy's restore without token
+    assert opts.k == 0.5
 
 
-def test_override_of_a_value_the_user_already_had_is_not_reported_as_ours():
-    o, data = logic.OptionOverride("k", 1.0), {"k": 1.0}
-    t = object()
-    o.apply(data, t)
+def test_shadow_of_a_value_the_user_already_had_is_not_reported_as_ours():
+    opts = _Options({"k": 1.0})
+    o, t = logic.OptionShadow("k", 1.0), object()
+    o.apply(opts, t)
     assert not o.overrode(t)
+
+
+def test_shadow_refuses_options_that_would_not_read_it():
+    class Strict(_Options):  # serves every read from data itself: a shadow would not be seen
+        def __getattribute__(self, item):
+            data = object.__getattribute__(self, "data")
+            return data[item] if item in data else object.__getattribute__(self, item)
+
+    opts = Strict({"k": 0.5})
+    o = logic.OptionShadow("k", 1.0)
+    assert not logic.OptionShadow.reads_through(opts, "k")
+    assert not o.apply(opts, object()) and not o.active
+    assert "k" not in vars(opts) and opts.data == {"k": 0.5}
+
+    class Plain:  # not an Options at all (no data dict)
+        pass
+
+    assert not o.apply(Plain(), object())
 
 
 # -- rows, nulls, warnings --------------------------------------------------------------------

@@ -254,6 +254,112 @@ def test_skip_early_cond_restored_after_success(make_webui):
     assert "skip_early_cond" not in opts.data, "not written into the user's settings"
 
 
+def test_a_settings_save_at_the_moment_the_host_reads_the_option_never_holds_ours(make_webui):
+    """A callback after ours runs exactly where the host then reads opts.skip_early_cond: the host
+    sees 1.0 there, and a settings save at that moment (Options.save dumps opts.data) does not."""
+    import json
+    env = make_webui("a1111", FakeSD1())
+    opts = env.shared.opts
+    for user in (0.25, None):  # a value the user set, and a user who never touched the option
+        if user is None:
+            opts.data.pop("skip_early_cond", None)
+        else:
+            opts.data["skip_early_cond"] = user
+        read, saved = [], []
+
+        def save_now(params):
+            read.append(opts.skip_early_cond)
+            saved.append(json.loads(json.dumps(opts.data)))
+
+        env.script_callbacks.on_cfg_denoiser(save_now)
+        generate(env, dice(), prompt="a fox", steps=3)
+        env.script_callbacks.callback_map["callbacks_cfg_denoiser"].pop()
+        assert read == [1.0] * 3, "the save really happened while the host reads our value"
+        expected = {} if user is None else {"skip_early_cond": user}
+        assert all({k: v for k, v in s.items() if k == "skip_early_cond"} == expected for s in saved), saved
+        assert env.shared.sd_model.inner_model.calls[-1]["rows"] == 1
+        assert "skip_early_cond" not in vars(opts), "nothing left on the options object"
+
+
+def test_a_settings_change_during_the_run_is_kept_as_made(make_webui):
+    env = make_webui("a1111", FakeSD1())
+    opts = env.shared.opts
+    opts.data["skip_early_cond"] = 0.25
+
+    def settings_page(params):
+        if params.denoiser.step == 1:
+            opts.skip_early_cond = 0.6  # Options.__setattr__, as the settings page / API does
+
+    env.script_callbacks.on_cfg_denoiser(settings_page)
+    generate(env, dice(), prompt="a fox", steps=3)
+    assert all(c["rows"] == 1 for c in env.shared.sd_model.inner_model.calls)
+    assert opts.data["skip_early_cond"] == 0.6 and opts.skip_early_cond == 0.6
+
+
+def test_settings_dumped_from_another_thread_during_runs_never_hold_ours(make_webui):
+    import json
+    import sys
+    import threading
+    env = make_webui("a1111", FakeSD1())
+    opts = env.shared.opts
+    opts.data["skip_early_cond"] = 0.0
+    seen, done = set(), threading.Event()
+
+    def saver():
+        for _ in range(200000):  # bounded
+            if done.is_set():
+                break
+            seen.add(json.loads(json.dumps(opts.data)).get("skip_early_cond"))
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as the interpreter allows
+    t = threading.Thread(target=saver)
+    t.start()
+    try:
+        for _ in range(20):
+            generate(env, dice(), prompt="a fox", steps=8)
+    finally:
+        done.set()
+        t.join()
+        sys.setswitchinterval(interval)
+    assert seen == {0.0}, seen
+
+
+def test_more_model_calls_than_the_host_counts_steps_still_one_row_each(make_webui, monkeypatch):
+    """DPM adaptive calls the model any number of times while the host's total_steps is the step
+    count; the host skips while step / total_steps <= the option, so 1.0 would stop skipping."""
+    env = make_webui("a1111", FakeSD1())
+    opts = env.shared.opts
+    opts.data["skip_early_cond"] = 0.25
+    launch = env.processing.Sampler.launch_sampling
+
+    def adaptive(self, steps, func):
+        def run():
+            self.model_wrap_cfg.total_steps = 2  # 8 calls against a count of 2
+            return func()
+        return launch(self, steps, run)
+
+    monkeypatch.setattr(env.processing.Sampler, "launch_sampling", adaptive)
+    p, processed = generate(env, dice(), prompt="a fox", steps=8)
+    assert [c["rows"] for c in env.shared.sd_model.inner_model.calls] == [1] * 8
+    assert opts.data["skip_early_cond"] == 0.25 and "skip_early_cond" not in vars(opts)
+    assert "Skip Early CFG" not in processed.infotexts[0]
+
+
+def test_a_cfgpp_sampler_on_reforge_is_refused_naming_it(make_webui, tmp_path, monkeypatch):
+    """reForge (its backend is ldm_patched) runs the negative pass at CFG 1 for CFG++ samplers."""
+    (tmp_path / "ldm_patched").mkdir()
+    (tmp_path / "ldm_patched" / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    env = make_webui("forge", FakeSD1())
+    p, processed = generate(env, dice(), prompt="a fox", steps=2, sampler_name="Euler CFG++")
+    note = p.extra_generation_params.get("CFG distill note", "")
+    assert "'Euler CFG++'" in note and "without DICE" in note, note
+    assert "CFG distill: DICE" not in processed.infotexts[0]
+    p, processed = generate(env, dice(), prompt="a fox", steps=2, sampler_name="Euler")
+    assert "CFG distill: DICE" in processed.infotexts[0]
+
+
 def test_skip_early_cond_kept_out_of_the_infotext(make_webui):
     env = make_webui("a1111", FakeSD1())
     p, processed = generate(env, dice(), prompt="a fox", steps=2)
@@ -409,9 +515,10 @@ def test_script_unload_restores_the_option(make_webui):
     env = make_webui("a1111", FakeSD1())
     opts = env.shared.opts
     opts.data["skip_early_cond"] = 0.2
-    env.script_module.SKIP.apply(opts.data, object())
+    assert env.script_module.SKIP.apply(opts, object()) and opts.skip_early_cond == 1.0
     env.script_callbacks.script_unloaded_callback()
-    assert opts.data["skip_early_cond"] == 0.2
+    assert opts.skip_early_cond == 0.2 and opts.data["skip_early_cond"] == 0.2
+    assert "skip_early_cond" not in vars(opts)
 
 
 def test_refiner_folder_from_the_command_line_flag(make_webui, refiners_dir, tmp_path):

@@ -116,26 +116,50 @@ def test_skip_early_cond_restored_after_success_and_failure(webui):
         webui.post("/sdapi/v1/options", {"skip_early_cond": 0.0})
 
 
-def test_settings_saved_during_a_run_never_hold_the_override(webui):
-    """Quicksettings / API option saves during a generation write all options to config.json."""
+def test_a_settings_save_where_the_host_reads_the_option_never_holds_ours(webui):
+    """A save (opts.save, what the settings page and /sdapi/v1/options do) at the exact moment the
+    host reads opts.skip_early_cond: A1111 reads our 1.0 there, config.json gets the user's value."""
+    for user in (0.25, 0.0):
+        webui.post("/sdapi/v1/options", {"skip_early_cond": user})
+        webui.post("/count-unet/save-in-step", {"on": True})
+        try:
+            _, calls = webui.generate("DICE", steps=3)
+        finally:
+            webui.post("/count-unet/save-in-step", {"on": False})
+        assert calls["rows"] == [1] * 3
+        reads = [read for read, _ in calls["saves"]]
+        # A1111 reads ours (the callback runs in the window); Forge skips by itself: nothing is set.
+        assert reads == ([user] * 3 if webui.forge else [1.0] * 3), calls["saves"]
+        assert [saved for _, saved in calls["saves"]] == [user] * 3, calls["saves"]
+        assert webui.saved_config()["skip_early_cond"] == user
+        assert webui.options()["skip_early_cond"] == user
+
+
+def test_settings_saved_during_runs_never_hold_the_override(webui):
+    """Settings saves from another thread (POST /sdapi/v1/options writes all of opts.data to
+    config.json) in a bounded loop while DICE runs one after another."""
     seen = []
     done = threading.Event()
 
     def saver():
-        while not done.is_set():
-            webui.post("/sdapi/v1/options", {"samples_format": "png"})
+        for i in range(2000):  # bounded
+            if done.is_set():
+                break
+            webui.post("/sdapi/v1/options", {"samples_format": "png" if i % 2 else "jpg"})
             seen.append(webui.saved_config().get("skip_early_cond", 0.0))
 
+    webui.post("/sdapi/v1/options", {"skip_early_cond": 0.0})
     t = threading.Thread(target=saver)
     t.start()
     try:
-        _, calls = webui.generate("DICE", steps=24)
+        rows = [webui.generate("DICE", steps=12, seed=s)[1]["rows"] for s in range(3)]
     finally:
         done.set()
         t.join()
-    assert calls["rows"] == [1] * 24
+        webui.post("/sdapi/v1/options", {"samples_format": "png"})
+    assert rows == [[1] * 12] * 3
     assert seen and all(v == 0.0 for v in seen), seen
-    assert webui.options()["skip_early_cond"] == 0.0
+    assert webui.options()["skip_early_cond"] == 0.0 and webui.saved_config()["skip_early_cond"] == 0.0
 
 
 @pytest.mark.parametrize("refiner, says", [
@@ -198,3 +222,47 @@ def test_img2img_and_inpainting(webui):
     assert all(c == 9 for _, c in calls["shapes"]), calls["shapes"]
     assert "CFG distill: DICE" in _params(out)
     assert image_array(out["images"][0]).shape[:2] == (64, 64)
+
+
+SAMPLER_TABLE = os.path.join(ROOT, "test-artifacts", "webui_samplers.json")
+
+
+def _sampler_steps(sampler: str) -> int:
+    """Two steps, the fewest that show a second step; UniPC needs more steps than its order (3 by
+    default: 'UniPC order must be < sampling steps', the host's own assertion)."""
+    return 4 if sampler == "UniPC" else 2
+
+
+def test_every_listed_sampler_one_row_per_call_or_refused(webui):
+    """Every sampler the host lists (/sdapi/v1/samplers), DICE and TeEFusion at CFG 1, two steps:
+    every UNet call of the run has one row (batch 1), or the mode is refused with a note naming the
+    sampler (then the run is the host's own). The outcome per sampler goes to test-artifacts."""
+    samplers = [s["name"] for s in webui.get("/sdapi/v1/samplers")]
+    assert len(samplers) >= 10, samplers
+    table, problems = {}, []
+    for sampler in samplers:
+        for mode in ("DICE", "TeEFusion"):
+            try:
+                out, calls = webui.generate(mode, steps=_sampler_steps(sampler), sampler_name=sampler)
+            except AssertionError as e:  # an HTTP error of the host: recorded, reported below
+                table[f"{sampler}|{mode}"] = {"error": str(e)[:300]}
+                problems.append((sampler, mode, "HTTP error"))
+                continue
+            note = out["info_dict"]["extra_generation_params"].get("CFG distill note", "")
+            applied = f"CFG distill: {mode}" in _params(out)
+            rows = calls["rows"]
+            table[f"{sampler}|{mode}"] = {"steps": _sampler_steps(sampler), "calls": len(rows),
+                                          "rows": sorted(set(rows)), "applied": applied, "note": note}
+            if applied and (not rows or set(rows) != {1}):
+                problems.append((sampler, mode, rows))
+            if not applied and sampler not in note:
+                problems.append((sampler, mode, f"not applied, and the note does not name it: {note!r}"))
+    os.makedirs(os.path.dirname(SAMPLER_TABLE), exist_ok=True)
+    everything = {}
+    if os.path.exists(SAMPLER_TABLE):
+        with open(SAMPLER_TABLE) as f:
+            everything = json.load(f)
+    everything[webui.name] = table
+    with open(SAMPLER_TABLE, "w") as f:
+        json.dump(everything, f, indent=1)
+    assert not problems, problems

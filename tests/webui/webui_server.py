@@ -1,4 +1,4 @@
-"""Real AUTOMATIC1111 1.10.1 and Forge servers (API mode, CPU, offline) with cfg-distill installed.
+"""Real AUTOMATIC1111 1.10.1, Forge and reForge servers (API mode, CPU, offline) with cfg-distill installed.
 
 tools/setup_webuis.sh builds them into .webuis/ (tools/test.sh runs it). One server per webui per
 test session, started on first use with a fresh data folder:
@@ -41,7 +41,10 @@ HOSTS = {
         # files here are the TAESD tensors this test wrote a moment ago.
         "--disable-safe-unpickle"]),
     "forge": dict(app="forge/stable-diffusion-webui-forge", flags=["--always-cpu"]),
+    # reForge (Panchovix, 2026-03): the Forge-style ldm_patched backend on A1111's front end.
+    "reforge": dict(app="reforge/stable-diffusion-webui-reForge", flags=["--always-cpu", "--skip-torch-cuda-test"]),
 }
+NAMES = list(HOSTS)
 COMMON_FLAGS = ["--skip-prepare-environment", "--skip-install", "--skip-version-check", "--api",
                 "--nowebui", "--server-name", "127.0.0.1", "--no-download-sd-model"]
 START_TIMEOUT = float(os.environ.get("CFG_DISTILL_WEBUI_START_TIMEOUT", "400"))
@@ -108,7 +111,8 @@ class Webui:
 
     @property
     def forge(self) -> bool:
-        return self.name == "forge"
+        """Forge or reForge: their backend skips the negative pass at CFG 1 by itself."""
+        return self.name in ("forge", "reforge")
 
     def get(self, path, **kw):
         r = requests.get(self.url + path, timeout=600, **kw)
@@ -152,25 +156,29 @@ class Webui:
         return out, calls
 
 
-def _start(name: str, tmp_root: str) -> Webui:
+def _start(name: str, tmp_root: str, variant: str = "", add_flags=(), drop_flags=()) -> Webui:
+    """Start webui `name` on a fresh data folder. A variant (its own data folder and log) starts
+    with COMMON_FLAGS less drop_flags plus add_flags, e.g. --api-auth, or the UI without --api."""
     base = os.path.join(WEBUIS, name)
     app = os.path.join(WEBUIS, HOSTS[name]["app"])
     python = os.path.join(base, "venv", "bin", "python")
     if not os.path.exists(os.path.join(base, "venv", STAMP)):
         pytest.skip(f"{name} is not set up here: run `bash tools/setup_webuis.sh {name}` "
                     f"(tools/test.sh does it)")
-    data = os.path.join(tmp_root, name)
+    data = os.path.join(tmp_root, name + (f"-{variant}" if variant else ""))
     os.makedirs(data)
     shared = _shared_models(tmp_root, name)
     _make_data(name, data, shared)
     port = _free_port()
-    log = os.path.join(ROOT, "test-artifacts", f"webui-{name}.log")  # kept after the run (git-ignored)
+    log = os.path.join(ROOT, "test-artifacts",  # kept after the run (git-ignored)
+                       f"webui-{name}{'-' + variant if variant else ''}.log")
     os.makedirs(os.path.dirname(log), exist_ok=True)
     env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1", HF_HOME=os.path.join(WEBUIS, "hf-cache"),
                HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
                TORCH_NUM_THREADS="1", PYTHONUNBUFFERED="1", COMMANDLINE_ARGS="")
     env.pop("PYTHONPATH", None)
-    cmd = ["nice", "-n", "10", python, "launch.py", *COMMON_FLAGS, *HOSTS[name]["flags"],
+    flags = [f for f in COMMON_FLAGS if f not in drop_flags] + list(add_flags)
+    cmd = ["nice", "-n", "10", python, "launch.py", *flags, *HOSTS[name]["flags"],
            "--port", str(port), "--data-dir", data,
            "--ckpt-dir", os.path.join(shared, "Stable-diffusion")]
     with open(log, "w") as f:
@@ -190,6 +198,15 @@ def _start(name: str, tmp_root: str) -> Webui:
     raise RuntimeError(f"{name} did not start within {START_TIMEOUT:.0f} s:\n{ui.tail()}")
 
 
+def stop(ui: Webui) -> None:
+    ui.proc.terminate()
+    try:
+        ui.proc.wait(60)
+    except subprocess.TimeoutExpired:
+        ui.proc.kill()
+        ui.proc.wait(30)
+
+
 _SERVERS: dict[str, Webui] = {}
 
 
@@ -207,9 +224,10 @@ def webui_root(tmp_path_factory):
     shutil.rmtree(root, ignore_errors=True)  # ~600 MB of checkpoints: not kept in pytest's basetemp
 
 
-@pytest.fixture(scope="session", params=["a1111", "forge"])
+@pytest.fixture(scope="session", params=NAMES)
 def webui(request, webui_root):
-    """The real webui server (one per webui per session; the a1111 tests run first, then forge)."""
+    """The real webui server (one per webui per session; the a1111 tests run first, then forge,
+    then reforge)."""
     name = request.param
     if name not in _SERVERS:
         for other in list(_SERVERS):  # one server at a time keeps the 2-core machine usable

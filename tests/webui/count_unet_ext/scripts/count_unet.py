@@ -8,6 +8,12 @@ Forge: sd_model.forge_objects.unet.model.diffusion_model) and serves, over the w
   POST /count-unet/fail-next  -> the next UNet call raises (a generation that fails mid-sampling)
   POST /count-unet/paste      -> {"infotext", "hide_folder"} -> what the webui's paste path gives for cfg-distill's
                                   fields (the UI's paste function, run on a UI built here)
+  POST /count-unet/save-in-step {"on": bool} -> while on, an on_cfg_denoiser callback that runs after
+                                  cfg-distill's (this extension loads after it), i.e. just before the
+                                  host reads opts.skip_early_cond, saves the settings the way the settings
+                                  page does (opts.save to config.json) and records, per step, what
+                                  `shared.opts.skip_early_cond` read then and what config.json got:
+                                  GET /count-unet/calls -> "saves": [[read, saved or null], ...]
 Never installed outside the tests.
 """
 import os
@@ -16,7 +22,7 @@ import threading
 from modules import script_callbacks, shared
 
 _LOCK = threading.Lock()
-RECORD = {"rows": [], "shapes": [], "fail_next": False}
+RECORD = {"rows": [], "shapes": [], "fail_next": False, "saves": [], "save_in_step": False}
 
 
 def _unet(sd_model):
@@ -42,6 +48,19 @@ def _wrap(module):
 
     module.forward = forward
     module._count_unet_wrapped = True
+
+
+def _on_cfg_denoiser(params):
+    if not RECORD["save_in_step"]:
+        return
+    import json
+
+    read = shared.opts.skip_early_cond  # what the host reads a few lines later
+    shared.opts.save(shared.config_filename)
+    with open(shared.config_filename, encoding="utf8") as f:
+        saved = json.load(f).get("skip_early_cond")
+    with _LOCK:
+        RECORD["saves"].append([float(read), saved])
 
 
 def _on_model_loaded(sd_model):
@@ -91,13 +110,14 @@ def _on_app_started(demo, app):
     @app.get("/count-unet/calls")
     def calls():
         with _LOCK:
-            return {"rows": list(RECORD["rows"]), "shapes": list(RECORD["shapes"])}
+            return {"rows": list(RECORD["rows"]), "shapes": list(RECORD["shapes"]), "saves": list(RECORD["saves"])}
 
     @app.post("/count-unet/reset")
     def reset():
         with _LOCK:
             RECORD["rows"].clear()
             RECORD["shapes"].clear()
+            RECORD["saves"].clear()
             RECORD["fail_next"] = False
         if shared.sd_model is not None and not isinstance(shared.sd_model, type(None)):
             try:
@@ -112,10 +132,16 @@ def _on_app_started(demo, app):
             RECORD["fail_next"] = True
         return {"ok": True}
 
+    @app.post("/count-unet/save-in-step")
+    def save_in_step(on: bool = Body(..., embed=True)):
+        RECORD["save_in_step"] = bool(on)
+        return {"ok": True}
+
     @app.post("/count-unet/paste")
     def paste(infotext: str = Body(..., embed=True), hide_folder: str = Body(None, embed=True)):
         return _paste(infotext, hide_folder)
 
 
 script_callbacks.on_model_loaded(_on_model_loaded)
+script_callbacks.on_cfg_denoiser(_on_cfg_denoiser)
 script_callbacks.on_app_started(_on_app_started)
