@@ -246,11 +246,19 @@ def run(request: TrainRequest, host: TrainingHost, reporter: Reporter | None = N
     return out
 
 
-def _interrupted_state(state_path: str, error: BaseException, host: TrainingHost):
-    """A host cancel raised inside a model pass: the loop saved its state before re-raising."""
-    if not (host.is_interrupt(error) and os.path.exists(state_path)):
-        return None
-    return load_training_state(state_path)
+def _loop_or_saved_state(loop, restore, state_path: str, host: TrainingHost) -> tuple[int, list[float], bool]:
+    """(step, losses, cancelled) of the loop. A host cancel raised inside a model pass (ComfyUI's) ends
+    it as a cancel: the loop saved its state before re-raising, and restore(state) takes it back."""
+    try:
+        return loop()
+    except TrainingDiverged:
+        raise  # every file stays as it was
+    except BaseException as e:
+        if not (host.is_interrupt(e) and os.path.exists(state_path)):
+            raise
+        state = load_training_state(state_path)
+        restore(state)
+        return state.step, list(state.losses), True
 
 
 def _train_dice(r, session, start, state_path, reporter, hooks, ckpt_name, ckpt_hash, host) -> Outcome:
@@ -268,22 +276,22 @@ def _train_dice(r, session, start, state_path, reporter, hooks, ckpt_name, ckpt_
         extra["started_from"] = f"{os.path.basename(r.start_from)} ({start.info.train_steps or 0} steps)"
     info = replace(info, extra={**info.extra, **extra}) if extra else info
     init = start.module if start is not None else None
-    try:
+    trained = {}
+
+    def loop():
         result = train_refiner(config, session.sample_batch, session.teacher, session.student,
                                token_dim=session.token_dim, device=session.device, state_path=state_path,
                                resume=r.resume, init=init, should_stop=reporter.should_stop, on_step=reporter.step,
                                info=info, hooks=hooks)
-        refiner, step, losses, cancelled = result.refiner, result.step, list(result.losses), result.cancelled
-    except TrainingDiverged:
-        raise
-    except BaseException as e:
-        state = _interrupted_state(state_path, e, host)
-        if state is None:
-            raise
-        refiner = DiceRefiner(*state.shape)
-        refiner.load_state_dict(state.refiner)
-        step, losses, cancelled = state.step, list(state.losses), True
-    refiner = refiner.cpu().eval().requires_grad_(False)
+        trained["refiner"] = result.refiner
+        return result.step, list(result.losses), result.cancelled
+
+    def restore(state):
+        trained["refiner"] = DiceRefiner(*state.shape)
+        trained["refiner"].load_state_dict(state.refiner)
+
+    step, losses, cancelled = _loop_or_saved_state(loop, restore, state_path, host)
+    refiner = trained["refiner"].cpu().eval().requires_grad_(False)
     info = replace(info, train_steps=step)
     return Outcome(r, None, state_path, step=step, losses=losses, cancelled=cancelled,
                    refiner=LoadedRefiner(refiner, info, os.path.basename(r.output_file(""))))
@@ -306,22 +314,19 @@ def _train_teefusion(r, session, start, state_path, reporter, hooks, ckpt_name, 
         info.train_steps = step
         return info.to_metadata()
 
-    try:
+    def loop():
         done = train_student(config, student, session.sample_batch, session.teacher, device=session.device,
                              state_path=state_path, resume=r.resume, should_stop=reporter.should_stop,
                              on_step=reporter.step, metadata=state_meta,
                              on_batch=hooks.on_batch if hooks is not None else None)
-        step, losses, cancelled = done.step, list(done.losses), done.cancelled
-    except TrainingDiverged:
-        raise
-    except BaseException as e:
-        state = _interrupted_state(state_path, e, host)
-        if state is None:
-            raise
+        return done.step, list(done.losses), done.cancelled
+
+    def restore(state):
         with torch.no_grad():
             for key, p in student.named_trainable():
                 p.copy_(state.refiner[key])
-        step, losses, cancelled = state.step, list(state.losses), True
+
+    step, losses, cancelled = _loop_or_saved_state(loop, restore, state_path, host)
     info.train_steps = step
     return Outcome(r, None, state_path, step=step, losses=losses, cancelled=cancelled,
                    lora_tensors=session.lora_tensors(), lora_info=info)
