@@ -112,7 +112,10 @@ def webui_model(model, resolution: int, checkpoint: tuple[str, str] = ("", "")) 
     autocast = getattr(devices, "autocast", None) or contextlib.nullcontext
     key = (id(model),) + tuple(checkpoint)  # the training-latent cache is per loaded checkpoint
     if _is_forge_model(model):
-        from backend import memory_management  # Forge only
+        try:
+            from backend import memory_management  # Forge
+        except ImportError:
+            from ldm_patched.modules import model_management as memory_management  # reForge
 
         unet = model.forge_objects.unet
         device = getattr(unet, "load_device", None) or devices.device

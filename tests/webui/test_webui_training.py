@@ -17,17 +17,7 @@ TRAIN = ["a red circle on a blue background", "a green square on a white backgro
 HELD_OUT = ["a red square on a green background", "a yellow circle on a white background"]
 
 
-def _known_gap(request, webui):
-    """reForge: the training path loads the model through Forge's `backend.memory_management`,
-    which reForge does not have (its ldm_patched backend has ldm_patched.modules.model_management):
-    the run answers HTTP 500 "No module named 'backend'". Strict: this fails once it works."""
-    if webui.name == "reforge":
-        request.node.add_marker(pytest.mark.xfail(
-            reason="training on reForge: no backend.memory_management (issue 25 item 3, open)", strict=True))
-
-
-def test_training_lowers_the_held_out_gap_and_leaves_the_model_alone(webui, request):
-    _known_gap(request, webui)
+def test_training_lowers_the_held_out_gap_and_leaves_the_model_alone(webui):
     before, _ = webui.generate(None, seed=5)
     r = webui.post("/cfg-distill/train", {
         "prompts": TRAIN, "eval_prompts": HELD_OUT, "guidance_scale": 5.0, "steps": 40, "batch_size": 4,
@@ -47,8 +37,7 @@ def test_training_lowers_the_held_out_gap_and_leaves_the_model_alone(webui, requ
     assert calls["rows"] == [1] * 4 and f"DICE refiner: trained_{webui.name}" in out["info_dict"]["infotexts"][0]
 
 
-def test_training_with_negative_prompts_records_that_the_refiner_supports_them(webui, request):
-    _known_gap(request, webui)
+def test_training_with_negative_prompts_records_that_the_refiner_supports_them(webui):
     from cfg_distill import read_refiner_info
 
     r = webui.post("/cfg-distill/train", {
