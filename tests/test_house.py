@@ -15,7 +15,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # spec_from_file_location(NAME, os.path.join(..., "__init__.py"), ...): a package loaded by hand
-LOADS_A_PACKAGE = re.compile(r'spec_from_file_location\((?:[^()]|\([^()]*\))*"__init__\.py"')
+LOADS_A_PACKAGE = re.compile(r'spec_from_file_location\([^()]*(?:\([^()]*)?"__init__\.py"')
 HOST_MODULES = ("comfy", "comfy_api", "folder_paths", "server", "modules", "gradio", "ldm_patched", "backend")
 
 
