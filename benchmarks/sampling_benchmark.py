@@ -27,17 +27,16 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
-from tools.comfy_env import load_pack, use_comfy_library  # noqa: E402
+from tools.comfy_env import load_pack as load_the_pack  # noqa: E402
 
 SAMPLER, SCHEDULER, SEED = "dpmpp_2m", "karras", 42
 PROMPT = "a red fox sitting in a snowy forest at sunrise, highly detailed"
 
 
 def load_pack():
-    use_comfy_library()
-    name = "cfg_distill_pack"
-    load_pack()
-    return sys.modules[name + ".nodes.refiner_nodes"], sys.modules[name + ".nodes.fusion_nodes"]
+    """The pack's apply nodes (refiner, fusion), in library mode."""
+    pack = load_the_pack()
+    return sys.modules[pack.__name__ + ".nodes.refiner_nodes"], sys.modules[pack.__name__ + ".nodes.fusion_nodes"]
 
 
 class CallCounter:
