@@ -58,6 +58,7 @@ def _info(args) -> int:
 
 
 def _train(args) -> int:
+    import shlex
     from dataclasses import replace
 
     from comfy_headless.train import EXIT_BAD_REQUEST, main as train_main
@@ -69,8 +70,9 @@ def _train(args) -> int:
         if getattr(args, "w_range", None):
             lo, hi = (float(v) for v in args.w_range.split(","))
             request = replace(request, w_min=lo, w_max=hi)
-        # The command line never replaces a saved run silently.
-        request = replace(request, overwrite=bool(args.overwrite))
+        # The command line never replaces a saved run silently; the file records what made it.
+        request = replace(request, overwrite=bool(args.overwrite),
+                          command="python -m cfg_distill " + shlex.join(args.argv))
         replace(request, name=request.name or "check").validate()  # fail fast, before ComfyUI loads
     except (RequestError, ValueError) as e:
         print(f"error: {as_flags(str(e))}", file=sys.stderr)
@@ -123,6 +125,7 @@ def main(argv=None) -> int:
     inf.add_argument("file")
     inf.set_defaults(func=_info)
     args = ap.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     return args.func(args)
 
 

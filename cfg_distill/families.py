@@ -23,12 +23,15 @@ class Family:
     # ComfyUI model_base class names of the family (the trainer names a refiner's family from these).
     model_classes: tuple[str, ...] = ()
     notes: str = ""
+    # The image size (px, square) the family's models are trained at: where a training run takes its
+    # size when neither the user nor the checkpoint (modelspec.resolution) says otherwise.
+    native_px: int = 1024
 
 
 FAMILIES = {
     f.key: f for f in (
-        Family("sd15", "SD1.5 (CLIP-L, 768-d tokens)", 768, True),
-        Family("sd2", "SD2.x (OpenCLIP-H, 1024-d tokens)", 1024, True),
+        Family("sd15", "SD1.5 (CLIP-L, 768-d tokens)", 768, True, native_px=512),
+        Family("sd2", "SD2.x (OpenCLIP-H, 1024-d tokens)", 1024, True, native_px=768),
         Family("sdxl", "SDXL (CLIP-L + CLIP-G, 2048-d tokens)", 2048, True, model_classes=("SDXL",)),
         # CLIP-L+G tokens (zero-padded to 4096) come first, so token 0 is CLIP's start token.
         Family("sd3", "SD3 / SD3.5 (CLIP-L + CLIP-G + T5-XXL, 4096-d tokens)", 4096, True, 2048,
@@ -46,16 +49,17 @@ FAMILIES = {
                notes="Refines the T5 tokens; the Llama-3.1 hidden states (conditioning_llama3) pass unchanged."),
         Family("lumina2", "Lumina 2 (Gemma-2 2B, 2304-d tokens)", 2304, True, None, model_classes=("Lumina2",)),
         Family("wan", "Wan 2.1 / 2.2 (UMT5-XXL, 4096-d tokens)", 4096, False, None, model_classes=("WAN21", "WAN22"),
+               native_px=480,  # the short side of Wan's 832 x 480 clips; a training frame is square
                notes="512 tokens, zero-padded: the refiner also rewrites the padding, as DICE does."),
         Family("hunyuan_video", "HunyuanVideo (Llama-3 4096-d tokens + CLIP-L pooled)", 4096, False, 768,
-               model_classes=("HunyuanVideo",)),
+               model_classes=("HunyuanVideo",), native_px=544),
         Family("flux", "Flux (T5-XXL, 4096-d tokens + guidance embedding)", 4096, False, 768,
                model_classes=("Flux",),
                not_distillable="it is guidance-distilled: guidance enters through its guidance embedding "
                                "(FluxGuidance) and it is sampled at cfg 1 with no negative pass, so there is "
                                "no CFG pass to distil"),
-        Family("other", "another base model", None, True),
-        Family("unknown", "an unknown base model (no metadata)", None, True),
+        Family("other", "another base model", None, True, native_px=512),
+        Family("unknown", "an unknown base model (no metadata)", None, True, native_px=512),
     )
 }
 
@@ -64,6 +68,24 @@ def describe_dim(dim: int) -> str:
     """Human name for a token width, for error messages: '768-d (SD1.5 ...)'."""
     names = [f.label.split(" (")[0] for f in FAMILIES.values() if f.token_dim == dim]
     return f"{dim}-d ({' / '.join(names)})" if names else f"{dim}-d (no known family)"
+
+
+def model_size(width: int, height: int, family_key: str, metadata: dict | None = None) -> tuple[int, int, str]:
+    """The training size: (width, height, where it came from). A side given as 0 means "the model's
+    own": the checkpoint's `modelspec.resolution` ("1024x1024", the model-spec metadata that SAI's
+    and many trainers' checkpoints carry), else the family's native size."""
+    if width and height:
+        return int(width), int(height), "as set"
+    spec = str((metadata or {}).get("modelspec.resolution", "")).lower().replace(" ", "")
+    try:
+        w, h = (int(v) for v in spec.split("x"))
+        if not (8 <= w <= 4096 and 8 <= h <= 4096 and w % 8 == 0 and h % 8 == 0):
+            raise ValueError(spec)
+        source = "the checkpoint's modelspec.resolution"
+    except ValueError:
+        w = h = FAMILIES.get(family_key, FAMILIES["other"]).native_px
+        source = f"the {FAMILIES.get(family_key, FAMILIES['other']).label.split(' (')[0]} default"
+    return int(width) or w, int(height) or h, source
 
 
 def get_family(key: str) -> Family:

@@ -101,8 +101,10 @@ class TrainRequest:
         "cosine: the rate falls to 0 over the run; constant: the same rate throughout (a resumed run with more "
         "steps continues exactly)", dice="cosine", teefusion="constant"))
     loss: str = field(default="l2", metadata=_opt("l2 or l1 (paper: l1 for SD1.5, l2 for SDXL), summed per sample"))
-    width: int = field(default=512, metadata=_opt("training image width in pixels (multiple of 8)"))
-    height: int = field(default=512, metadata=_opt("training image height in pixels (multiple of 8)"))
+    width: int = field(default=0, metadata=_opt(
+        "training image width in pixels (multiple of 8); 0: the model's own size (the checkpoint's "
+        "modelspec.resolution, else its family's: SD1.5 512, SD2 768, SDXL / SD3 / DiTs 1024)"))
+    height: int = field(default=0, metadata=_opt("training image height in pixels (multiple of 8); 0: the model's own"))
     seed: int = field(default=0, metadata=_opt("data and initialisation seed"))
     save_every: int = field(default=200, metadata=_opt("save the training state every N steps (0: only at the end)"))
     resume: bool = field(default=False, metadata=_opt("continue the saved run of this name"))
@@ -117,6 +119,8 @@ class TrainRequest:
     start_from: str = field(default="", metadata=_opt(
         "a file of this pack to start from instead of a fresh one (dice: a refiner; teefusion: a student LoRA "
         "of the same rank)", aliases=("--init-lora",)))
+    command: str = field(default="", metadata=_opt(
+        "the command line that started the run (recorded in the output file so it can be re-run)", cli=False))
     # Data the hosts hand over directly (no command-line flag).
     images: Any = field(default=None, repr=False, metadata=_opt("real images to noise (with the model's VAE)",
                                                                 cli=False))
@@ -189,10 +193,10 @@ class TrainRequest:
         if r.autocast not in AUTOCASTS:
             raise RequestError(f"autocast must be one of {', '.join(AUTOCASTS)} (got {r.autocast!r})")
         for what, v in (("width", r.width), ("height", r.height)):
-            whole(v, what, 8)
-            if v % 8 or v > 4096:
-                raise RequestError(f"width and height must be multiples of 8 between 8 and 4096 (got "
-                                   f"{r.width}x{r.height})")
+            whole(v, what, 0)
+            if v % 8 or v > 4096 or 0 < v < 8:
+                raise RequestError(f"width and height must be multiples of 8 between 8 and 4096, or 0 for the "
+                                   f"model's own size (got {r.width}x{r.height})")
         for what, v in (("guidance scale", r.guidance_scale), ("w_min", r.w_min), ("w_max", r.w_max),
                         ("negative share", r.negative_share)):
             number(v, what)
@@ -265,7 +269,7 @@ class TrainRequest:
     def settings_line(self) -> str:
         """One line that states the run's settings (logged at the start of every run)."""
         line = (f"{self.method} {self.name!r}: {self.steps} steps x batch {self.batch_size} x grad_accum "
-                f"{self.grad_accum}, lr {self.lr:g} {self.lr_schedule}, {self.loss}, {self.width}x{self.height} px, "
+                f"{self.grad_accum}, lr {self.lr:g} {self.lr_schedule}, {self.loss}, {self.size_text}, "
                 f"seed {self.seed}")
         if self.method == "dice":
             line += f", w {self.guidance_scale:g}" + (f" (range {self.w_min:g}-{self.w_max:g})" if self.w_range else "")
@@ -275,6 +279,13 @@ class TrainRequest:
             line += f", w {self.w_min:g}-{self.w_max:g}, rank {self.rank}"
         prompts = "the bundled prompts" if self.uses_default_prompts else f"{len(self.prompts)} prompts"
         return line + f"; {prompts}" + (f", start from {os.path.basename(self.start_from)}" if self.start_from else "")
+
+    @property
+    def size_text(self) -> str:
+        if self.width and self.height:
+            return f"{self.width}x{self.height} px"
+        return "the model's own size" if not (self.width or self.height) else \
+            f"{self.width or 'model'}x{self.height or 'model'} px"
 
     def to_json(self) -> dict:
         """The settings as plain JSON values (recorded in the output file's metadata)."""

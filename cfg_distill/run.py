@@ -81,6 +81,13 @@ class Outcome:
         return final_loss(self.losses)
 
 
+def teacher_samples(r: TrainRequest, steps: int) -> int:
+    """CFG teacher targets a run of `steps` optimizer steps trains on (every process draws its own)."""
+    world = torch.distributed.get_world_size() if torch.distributed.is_available() and \
+        torch.distributed.is_initialized() else 1
+    return int(steps) * r.batch_size * r.grad_accum * world
+
+
 def final_loss(losses: list[float]) -> float:
     """The mean of the last tenth (at most 10 steps): less noisy than the last loss, never dominated
     by the first steps of a short run."""
@@ -223,6 +230,10 @@ def run(request: TrainRequest, host: TrainingHost, reporter: Reporter | None = N
         try:
             check_family(r, start, session.family, session.token_dim, (ckpt_name, ckpt_hash))
             check_resume_model(r, state_path, session.family, ckpt_hash)
+            size = getattr(session, "size", None)  # (w, h, source): the host's answer to a size of 0
+            if size is not None and (size[0], size[1]) != (r.width, r.height):
+                r = replace(r, width=size[0], height=size[1])
+                reporter.status(f"training at {r.width}x{r.height} px ({size[2]})")
             if not session.make_data(reporter):
                 return Outcome(r, None, state_path, cancelled=True, family=session.family,
                                message="Stopped while preparing the training data: nothing was trained or saved.")
@@ -274,6 +285,8 @@ def _train_dice(r, session, start, state_path, reporter, hooks, ckpt_name, ckpt_
         extra["trained_percent_range"] = list(r.percent_range)
     if start is not None:
         extra["started_from"] = f"{os.path.basename(r.start_from)} ({start.info.train_steps or 0} steps)"
+    if r.command:
+        extra["command"] = r.command
     info = replace(info, extra={**info.extra, **extra}) if extra else info
     init = start.module if start is not None else None
     trained = {}
@@ -292,7 +305,7 @@ def _train_dice(r, session, start, state_path, reporter, hooks, ckpt_name, ckpt_
 
     step, losses, cancelled = _loop_or_saved_state(loop, restore, state_path, host)
     refiner = trained["refiner"].cpu().eval().requires_grad_(False)
-    info = replace(info, train_steps=step)
+    info = replace(info, train_steps=step, extra={**info.extra, "teacher_samples": teacher_samples(r, step)})
     return Outcome(r, None, state_path, step=step, losses=losses, cancelled=cancelled,
                    refiner=LoadedRefiner(refiner, info, os.path.basename(r.output_file(""))))
 
@@ -308,6 +321,7 @@ def _train_teefusion(r, session, start, state_path, reporter, hooks, ckpt_name, 
                                f"this model needs fusion {info.fusion}")
         session.load_lora_tensors(tensors)
         info.continued_from = f"{os.path.basename(r.start_from)} ({start_info.train_steps} steps)"
+    info.command = r.command
     student = session.lora_student()
 
     def state_meta(step):
@@ -327,7 +341,7 @@ def _train_teefusion(r, session, start, state_path, reporter, hooks, ckpt_name, 
                 p.copy_(state.refiner[key])
 
     step, losses, cancelled = _loop_or_saved_state(loop, restore, state_path, host)
-    info.train_steps = step
+    info.train_steps, info.teacher_samples = step, teacher_samples(r, step)
     return Outcome(r, None, state_path, step=step, losses=losses, cancelled=cancelled,
                    lora_tensors=session.lora_tensors(), lora_info=info)
 

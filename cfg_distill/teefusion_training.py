@@ -98,6 +98,8 @@ class LoraInfo:
     train_steps: int = 0
     fuse_pooled: bool = True
     continued_from: str = ""  # the LoRA this one was trained on from (its file name and steps), if any
+    teacher_samples: int = 0  # CFG teacher targets this run trained on (steps x batch x grad_accum x processes)
+    command: str = ""  # the command line that made it, when one did
 
     def to_metadata(self) -> dict[str, str]:
         d = asdict(self)

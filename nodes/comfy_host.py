@@ -3,6 +3,7 @@ progress bar, live-view events and Cancel. Used by both training nodes and the c
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 import os
 import sys
 
@@ -12,7 +13,7 @@ import comfy.model_management
 import comfy.utils
 import folder_paths
 
-from ..cfg_distill.families import FAMILIES, family_for_model_class, guidance_distilled_reason
+from ..cfg_distill.families import FAMILIES, family_for_model_class, guidance_distilled_reason, model_size
 from ..cfg_distill.refiner_file import short_hash_of_file
 from ..cfg_distill.request import RequestError, TrainRequest
 from ..cfg_distill.run import Reporter
@@ -58,6 +59,21 @@ def checkpoint_hash(name: str) -> str:
         return ""
     path = folder_paths.get_full_path("checkpoints", name) or folder_paths.get_full_path("diffusion_models", name)
     return short_hash_of_file(path) if path else ""
+
+
+def checkpoint_metadata(name: str) -> dict:
+    """The safetensors header metadata of a checkpoint in ComfyUI's checkpoints folders ({} when it
+    is not one, or not a .safetensors file)."""
+    path = folder_paths.get_full_path("checkpoints", name) if name else None
+    if not path or not path.endswith(".safetensors"):
+        return {}
+    try:
+        from safetensors import safe_open
+
+        with safe_open(path, "pt") as f:
+            return dict(f.metadata() or {})
+    except Exception:  # an unreadable header: the family's default size
+        return {}
 
 
 def lora_dir() -> str:
@@ -183,7 +199,9 @@ class ComfyTrainingHost:
                                          rank=r.rank, alpha=float(r.rank), base_family=family)
             session.lora_student = lambda: LoraStudent(session.named_trainable(), session.predict, r.rank)
         session.family, session.token_dim = family, token_dim
-        session.make_data = lambda rep: self._make_data(session, r, encoded, rep)
+        session.size = model_size(r.width, r.height, family, checkpoint_metadata(self.ckpt))
+        sized = replace(r, width=session.size[0], height=session.size[1])
+        session.make_data = lambda rep: self._make_data(session, sized, encoded, rep)
         session.load()
         return session
 

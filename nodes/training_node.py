@@ -25,13 +25,14 @@ D = TrainRequest.defaults("dice")
 T = TrainRequest.defaults("teefusion")
 NO_START = "none (fresh refiner)"
 NO_INIT = "none (fresh LoRA)"
+SIZE_TIP = ("Training image size (px). 0: the model's own size: the checkpoint's modelspec.resolution, else its "
+            "family's (SD1.5 512, SD2 768, SDXL / SD3 / DiTs 1024).")
 
 
 def train_in_comfyui(request: TrainRequest, model, clip, vae=None, node_id=None, checkpoint: str = "",
                      label: str = "Train DICE Refiner") -> Outcome:
-    """label: the node's name, which starts its error messages."""
-    """Run one request on the node's inputs; errors come back as the node's message, a Cancel stops
-    the rest of the graph after saving what was learned."""
+    """Run one request on the node's inputs; errors come back as the node's message (label: the node's
+    name, which starts it), a Cancel stops the rest of the graph after saving what was learned."""
     reporter = ComfyReporter(request.steps, node_id)
     host = ComfyTrainingHost(model, clip, vae, checkpoint)
     try:
@@ -98,8 +99,8 @@ class TrainDiceRefiner(io.ComfyNode):
                                        "for batch 128)."),
                 io.Combo.Input("loss", options=["l2", "l1"], default="l2",
                                tooltip="Paper: L1 for SD1.5, L2 for SDXL (both summed per sample)."),
-                io.Int.Input("width", default=512, min=64, max=4096, step=8, tooltip="Training image width (px)."),
-                io.Int.Input("height", default=512, min=64, max=4096, step=8),
+                io.Int.Input("width", default=D["width"], min=0, max=4096, step=8, tooltip=SIZE_TIP),
+                io.Int.Input("height", default=D["height"], min=0, max=4096, step=8, tooltip=SIZE_TIP),
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1),
                 io.String.Input("refiner_name", default=D["name"],
                                 tooltip="File name in models/dice_refiners (no extension)."),
@@ -191,8 +192,8 @@ class TrainTeEFusion(io.ComfyNode):
                                        "loss curve jumps up and down): lower it."),
                 io.Int.Input("rank", default=T["rank"], min=1, max=256, tooltip="LoRA rank."),
                 io.Combo.Input("loss", options=["l2", "l1"], default="l2"),
-                io.Int.Input("width", default=512, min=64, max=4096, step=8),
-                io.Int.Input("height", default=512, min=64, max=4096, step=8),
+                io.Int.Input("width", default=T["width"], min=0, max=4096, step=8, tooltip=SIZE_TIP),
+                io.Int.Input("height", default=T["height"], min=0, max=4096, step=8, tooltip=SIZE_TIP),
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1),
                 io.String.Input("lora_name", default=T["name"],
                                 tooltip="File name in models/loras (no extension)."),

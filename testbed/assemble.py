@@ -16,9 +16,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from testbed.data import SIZE  # noqa: E402
 from testbed.model import CKPT_NAME, WEIGHTS_DIR, checkpoint_state_dict, weights_present  # noqa: E402
 
 DEFAULT_OUT = os.path.join(ROOT, "out", "testbed")
+
+
+def _has_resolution(path: str) -> bool:
+    """Checkpoints assembled before the modelspec.resolution key are written again."""
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        return "modelspec.resolution" in (f.metadata() or {})
 
 
 def assemble(out: str = DEFAULT_OUT, weights_dir: str = WEIGHTS_DIR, force: bool = False) -> str:
@@ -30,12 +39,15 @@ def assemble(out: str = DEFAULT_OUT, weights_dir: str = WEIGHTS_DIR, force: bool
     path = out if out.endswith(".safetensors") else os.path.join(out, CKPT_NAME)
     sources = [os.path.join(weights_dir, f) for f in os.listdir(weights_dir) if f in ("unet.safetensors",
                                                                                        "vae.safetensors")]
-    if not force and os.path.exists(path) and all(os.path.getmtime(path) >= os.path.getmtime(s) for s in sources):
+    if not force and os.path.exists(path) and all(os.path.getmtime(path) >= os.path.getmtime(s) for s in sources) \
+            and _has_resolution(path):
         return path
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     sd = checkpoint_state_dict(weights_dir)
     meta = {"cfg_distill_testbed": json.dumps({"note": "cfg-distill testbed model (synthetic coloured shapes, "
-                                                       "32x32 px); text encoder regenerated from a seed"})}
+                                                       "32x32 px); text encoder regenerated from a seed"}),
+            # The model-spec key trainers read for the model's own size (cfg_distill.families.model_size).
+            "modelspec.resolution": f"{SIZE}x{SIZE}"}
     tmp = path + ".tmp"
     save_file(sd, tmp, metadata=meta)
     os.replace(tmp, path)

@@ -94,6 +94,10 @@ def test_trains_and_writes_the_node_s_file_with_metadata(work):
     assert info.base_checkpoint == CKPT
     assert info.base_hash == short_hash_of_file(str(work / "ckpts" / CKPT))
     assert info.keep_first_token
+    # What made it, so it can be re-run, and what it cost: 8 steps x batch 2 (x grad_accum 1)
+    assert info.extra["teacher_samples"] == 8 * 2
+    assert info.extra["command"].startswith("python -m cfg_distill train dice ")
+    assert "--steps 8 --batch-size 2 --name full" in info.extra["command"]
     assert load_training_state(str(full["path"].parent / "full.dice-train-state")).config["lr_schedule"] == "cosine"
     assert re.search(r"step 8/8 loss [0-9.]+", full["log"])
     assert "done after 8 steps" in full["log"]
@@ -101,6 +105,23 @@ def test_trains_and_writes_the_node_s_file_with_metadata(work):
     assert loaded.module.fc2.weight.abs().sum() > 0
     state = load_training_state(str(full["path"].parent / "full.dice-train-state"))
     assert state.step == 8 and len(state.losses) == 8 and all(np.isfinite(state.losses))
+
+
+def test_without_a_size_it_trains_at_the_checkpoint_s_own(work):
+    """No --width / --height: the size the checkpoint's modelspec.resolution names, said in the log."""
+    from tools.tiny_models import write_tiny_sd15
+
+    ckpt = write_tiny_sd15(str(work / "ckpts" / "sized.safetensors"), metadata={"modelspec.resolution": "48x48"})
+    out = work / "sized"
+    common = [a for i, a in enumerate(COMMON) if a not in ("--width", "--height")
+              and COMMON[i - 1] not in ("--width", "--height")]
+    proc = subprocess.run([sys.executable, SCRIPT, "--comfyui", COMFY_DIR, "--ckpt", ckpt, "--out-dir", str(out),
+                           "--prompts", str(work / "prompts.txt"), *common, "--steps", "1", "--batch-size", "1",
+                           "--name", "sized"], cwd=str(work), capture_output=True, text=True, timeout=240, env=ENV)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 0, text[-4000:]
+    assert "the model's own size" in text  # the settings line, before the model is known
+    assert "training at 48x48 px (the checkpoint's modelspec.resolution)" in text
 
 
 def test_negative_prompts_file_trains_a_refiner_that_supports_negatives(work):
@@ -240,6 +261,7 @@ def test_torchrun_two_cpu_processes(work, comfy_model):
 
     refiner = load_refiner(str(ddp_out / "ddp.safetensors"))
     assert refiner.info.train_steps == steps and refiner.info.base_family == "sd15"
+    assert refiner.info.extra["teacher_samples"] == steps * batch * 2  # x 2 processes
     t0 = time.monotonic()
     gap = evaluate_node.measure_gap(model, clip, refiner, HELD_OUT, 5.0, batches=4, batch_size=2, width=64,
                                     height=64, seed=4321, x0_steps=1)

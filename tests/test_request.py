@@ -175,3 +175,25 @@ def test_train_help_is_generated_from_the_request():
     bad = subprocess.run([sys.executable, "-m", "cfg_distill", "train", "teefusion", "--ckpt", "x", "--steps", "0"],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "steps must be a whole number >= 1" in bad.stderr
+
+
+def test_a_size_of_zero_is_the_model_s_own():
+    """Width / height 0 (the default): the checkpoint's modelspec.resolution, else the family's size;
+    a size the user set always wins, and a malformed modelspec falls back to the family."""
+    from cfg_distill.families import model_size
+
+    assert TrainRequest.defaults("dice")["width"] == 0 and TrainRequest.defaults("teefusion")["height"] == 0
+    assert TrainRequest(name="x").validate().size_text == "the model's own size"
+    assert model_size(0, 0, "sd15")[:2] == (512, 512)
+    assert model_size(0, 0, "sdxl")[:2] == (1024, 1024)
+    assert model_size(0, 0, "sd2")[:2] == (768, 768)
+    assert model_size(0, 0, "no-such-family")[:2] == (512, 512)
+    w, h, source = model_size(0, 0, "sd15", {"modelspec.resolution": "32x32"})
+    assert (w, h) == (32, 32) and "modelspec" in source
+    assert model_size(0, 0, "sdxl", {"modelspec.resolution": "1152 x 896"})[:2] == (1152, 896)
+    assert model_size(0, 0, "sdxl", {"modelspec.resolution": "huge"})[:2] == (1024, 1024)
+    assert model_size(0, 0, "sdxl", {"modelspec.resolution": "1001x1000"})[:2] == (1024, 1024)  # not a multiple of 8
+    assert model_size(256, 0, "sdxl", {"modelspec.resolution": "1024x768"})[:2] == (256, 768)
+    assert model_size(640, 384, "sd15", {"modelspec.resolution": "32x32"}) == (640, 384, "as set")
+    with pytest.raises(RequestError, match="or 0 for the model's own size"):
+        TrainRequest(name="x", width=4).validate()

@@ -8,6 +8,7 @@ checkpoint, and its saved LoRA through ComfyUI's stock LoraLoaderModelOnly:
 - the input MODEL is left untouched; resume equals an uninterrupted run; a stop keeps what was
   learned; a NaN loss stops with a clear message and keeps the last good state; bad settings are clear.
 """
+import json
 import os
 import sys
 
@@ -331,11 +332,15 @@ def test_torchrun_two_cpu_processes_write_one_lora(tmp_path):
     tensors = {}
     with safe_open(str(out / "ddp.safetensors"), framework="pt") as f:
         assert f.metadata()["cfg_distill.method"] == "teefusion"
+        student = json.loads(f.metadata()["cfg_distill_teefusion"])
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     import comfy.sd
 
     loaded = comfy.sd.load_lora_for_models(env_model(ckpt), None, tensors, 1.0, 0)[0]
     assert len(loaded.patches) == sum(k.endswith(".lora_up.weight") for k in tensors)
+    # What made it and what it cost: 3 steps x batch 1 x grad_accum 1 (the default) x 2 processes
+    assert student["teacher_samples"] == 3 * 1 * 1 * 2
+    assert student["command"].startswith("python -m cfg_distill train teefusion --comfyui ")
 
 
 def env_model(ckpt):

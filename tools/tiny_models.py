@@ -75,11 +75,12 @@ def tiny_sd15_state_dict(seed: int = 0, dtype=torch.float16, unet_size: str = "t
     return {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in sd.items()}
 
 
-def write_tiny_sd15(path: str, seed: int = 0, unet_size: str = "tiny") -> str:
-    """unet_size "full" writes the real 859M-parameter SD1.5 UNet (random weights, ~2 GB in fp16)."""
+def write_tiny_sd15(path: str, seed: int = 0, unet_size: str = "tiny", metadata: dict | None = None) -> str:
+    """unet_size "full" writes the real 859M-parameter SD1.5 UNet (random weights, ~2 GB in fp16).
+    metadata: the file's header metadata (e.g. modelspec.resolution)."""
     from safetensors.torch import save_file
 
-    save_file(tiny_sd15_state_dict(seed, unet_size=unet_size), path)
+    save_file(tiny_sd15_state_dict(seed, unet_size=unet_size), path, metadata=metadata)
     return path
 
 
