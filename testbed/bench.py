@@ -367,7 +367,9 @@ def save_grid(images: dict, combos, seeds: int, path: str, rows: int, results: d
     canvas.save(path)
 
 
-def main(argv=None) -> int:
+def main_args(argv=None) -> argparse.Namespace:
+    """The bench's settings from command-line words (defaults filled in), for main and for scripts
+    that call run() directly."""
     ap = argparse.ArgumentParser(description="Quality table of CFG / DICE / TeEFusion on the testbed model.")
     ap.add_argument("--quick", action="store_true", help="CI subset: 12 prompts x 2 seeds, cfg 1 / CFG 5 / DICE")
     ap.add_argument("--prompts", type=int, default=None, help="held-out prompts to use (default 60; quick 12)")
@@ -394,6 +396,11 @@ def main(argv=None) -> int:
     args.prompts = args.prompts or (12 if args.quick else 60)
     args.seeds = args.seeds or (2 if args.quick else 4)
     args.out = args.out or os.path.join(ROOT, "out", "testbed", "bench-quick" if args.quick else "bench")
+    return args
+
+
+def main(argv=None) -> int:
+    args = main_args(argv)
     torch.set_num_threads(int(os.environ.get("TESTBED_THREADS", "2")))
     started = time.monotonic()
     out = run(args)
