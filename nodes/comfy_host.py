@@ -175,19 +175,15 @@ class ComfyTrainingHost:
     def prepare(self, r: TrainRequest, start, reporter: Reporter):
         if r.images is not None and self.vae is None:
             raise RequestError("images were given without a VAE: connect the checkpoint's VAE to encode them")
-        texts = r.training_prompts()
-        encoded = []
-        for start in range(0, len(texts), 25):  # in chunks, so that a long list shows its progress
-            if reporter.should_stop():  # Cancel / Ctrl-C before training: nothing is saved
-                raise comfy.model_management.InterruptProcessingException()
-            reporter.status(f"encoding prompts {start + 1}/{len(texts)}")
-            encoded += encode_prompts(self.clip, texts[start:start + 25])
+        known: dict[str, object] = {}  # text -> its encoding: a negative that is also a prompt is encoded once
+        encoded = self._encode(r.training_prompts(), "prompts", known, reporter)
         null = encode_prompts(self.clip, [""])[0]
         token_dim = null.tokens.shape[-1]
         family = family_of(self.model, token_dim)
         if r.method == "dice":
             check_distillable(self.model, family)
-            negatives = encode_prompts(self.clip, r.negative_prompts) if r.negative_prompts else None
+            negatives = self._encode(r.negative_prompts, "negative prompts", known, reporter) \
+                if r.negative_prompts else None
             session = ComfyDistillHost(self.model, encoded, null, r.guidance_scale, r.batch_size,
                                        r.gradient_checkpointing, percent_range=r.percent_range, negatives=negatives,
                                        negative_share=r.negative_share_used, w_input=r.w_input(),
@@ -204,6 +200,18 @@ class ComfyTrainingHost:
         session.make_data = lambda rep: self._make_data(session, sized, encoded, rep)
         session.load()
         return session
+
+    def _encode(self, texts: list[str], what: str, known: dict, reporter: Reporter) -> list:
+        """Encodings of texts, in chunks so that a long list shows its progress and a Cancel / Ctrl-C
+        stops it (nothing is saved); texts in `known` are not encoded again."""
+        todo = list(dict.fromkeys(t for t in texts if t not in known))
+        for start in range(0, len(todo), 25):
+            if reporter.should_stop():
+                raise comfy.model_management.InterruptProcessingException()
+            reporter.status(f"encoding {what} {start + 1}/{len(todo)}")
+            chunk = todo[start:start + 25]
+            known.update(zip(chunk, encode_prompts(self.clip, chunk)))
+        return [known[t] for t in texts]
 
     def _make_data(self, session, r: TrainRequest, encoded, reporter: Reporter) -> bool:
         if not self._fill_pool(session, r, encoded, reporter):
