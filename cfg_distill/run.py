@@ -31,8 +31,10 @@ from .families import FAMILIES
 from .refiner import DiceRefiner
 from .refiner_file import LoadedRefiner, RefinerFileError, RefinerInfo, load_refiner, read_refiner_info, save_refiner
 from .request import OUTPUT_KIND, RequestError, TrainRequest
-from .training import (TrainConfig, TrainingDiverged, TrainingHooks, TrainingStateError, load_training_state,
-                       train_refiner, train_student)
+from .training import (Check, TrainConfig, TrainingDiverged, TrainingHooks, TrainingStateError, check_ratio,
+                       load_training_state, train_refiner, train_student)
+
+CHECKS_PER_RUN = 10  # progress checks: at the start, every tenth of the run and at the end
 
 
 class Reporter:
@@ -47,6 +49,29 @@ class Reporter:
 
     def step(self, step: int, total: int, loss: float, elapsed_s: float, eta_s: float) -> None:
         pass
+
+    def check(self, step: int, total: int, checks: list[Check]) -> None:
+        """A progress check (see check_text); front doors that draw it override this."""
+        self.status(check_text(checks, total))
+
+
+def check_every(steps: int) -> int:
+    return max(1, round(steps / CHECKS_PER_RUN))
+
+
+def check_text(checks: list[Check], total: int) -> str:
+    """What a progress check tells the user: how much of the start's gap to the CFG teacher is left
+    on the run's held-out check samples, and how fast it still falls (to stop early knowingly)."""
+    last = checks[-1]
+    if len(checks) == 1:
+        return (f"held-out check at step {last.step}/{total}: loss {last.loss:.4g} (the start; later checks "
+                "say how much of it is left)")
+    text = f"held-out check at step {last.step}/{total}: {100 * check_ratio(checks):.0f}% of the start's gap left"
+    prev = checks[-2]
+    if checks[0].loss > 0:
+        fall = 100 * (prev.loss - last.loss) / checks[0].loss
+        text += f" ({'down' if fall >= 0 else 'up'} {abs(fall):.1f} points since step {prev.step})"
+    return text
 
 
 class TrainingHost(Protocol):
@@ -73,6 +98,7 @@ class Outcome:
     refiner: LoadedRefiner | None = None  # DICE
     lora_tensors: dict | None = None  # TeEFusion
     lora_info: Any = None  # TeEFusion: its LoraInfo
+    checks: list[Check] = field(default_factory=list)  # the progress checks (held-out samples)
     seconds: float = 0.0
     message: str = ""
 
@@ -289,13 +315,14 @@ def _train_dice(r, session, start, state_path, reporter, hooks, ckpt_name, ckpt_
         extra["command"] = r.command
     info = replace(info, extra={**info.extra, **extra}) if extra else info
     init = start.module if start is not None else None
-    trained = {}
+    trained, checks = {}, []
+    on_check = _recording(checks, reporter)
 
     def loop():
         result = train_refiner(config, session.sample_batch, session.teacher, session.student,
                                token_dim=session.token_dim, device=session.device, state_path=state_path,
                                resume=r.resume, init=init, should_stop=reporter.should_stop, on_step=reporter.step,
-                               info=info, hooks=hooks)
+                               info=info, hooks=hooks, check_every=check_every(r.steps), on_check=on_check)
         trained["refiner"] = result.refiner
         return result.step, list(result.losses), result.cancelled
 
@@ -305,8 +332,9 @@ def _train_dice(r, session, start, state_path, reporter, hooks, ckpt_name, ckpt_
 
     step, losses, cancelled = _loop_or_saved_state(loop, restore, state_path, host)
     refiner = trained["refiner"].cpu().eval().requires_grad_(False)
-    info = replace(info, train_steps=step, extra={**info.extra, "teacher_samples": teacher_samples(r, step)})
-    return Outcome(r, None, state_path, step=step, losses=losses, cancelled=cancelled,
+    info = replace(info, train_steps=step, extra={**info.extra, "teacher_samples": teacher_samples(r, step),
+                                                  **_checks_extra(checks, state_path)})
+    return Outcome(r, None, state_path, step=step, losses=losses, cancelled=cancelled, checks=_saved_checks(checks, state_path),
                    refiner=LoadedRefiner(refiner, info, os.path.basename(r.output_file(""))))
 
 
@@ -323,6 +351,8 @@ def _train_teefusion(r, session, start, state_path, reporter, hooks, ckpt_name, 
         info.continued_from = f"{os.path.basename(r.start_from)} ({start_info.train_steps} steps)"
     info.command = r.command
     student = session.lora_student()
+    checks = []
+    on_check = _recording(checks, reporter)
 
     def state_meta(step):
         info.train_steps = step
@@ -332,7 +362,8 @@ def _train_teefusion(r, session, start, state_path, reporter, hooks, ckpt_name, 
         done = train_student(config, student, session.sample_batch, session.teacher, device=session.device,
                              state_path=state_path, resume=r.resume, should_stop=reporter.should_stop,
                              on_step=reporter.step, metadata=state_meta,
-                             on_batch=hooks.on_batch if hooks is not None else None)
+                             on_batch=hooks.on_batch if hooks is not None else None,
+                             check_every=check_every(r.steps), on_check=on_check)
         return done.step, list(done.losses), done.cancelled
 
     def restore(state):
@@ -342,8 +373,32 @@ def _train_teefusion(r, session, start, state_path, reporter, hooks, ckpt_name, 
 
     step, losses, cancelled = _loop_or_saved_state(loop, restore, state_path, host)
     info.train_steps, info.teacher_samples = step, teacher_samples(r, step)
-    return Outcome(r, None, state_path, step=step, losses=losses, cancelled=cancelled,
+    checks = _saved_checks(checks, state_path)
+    info.checks = [[c.step, c.loss] for c in checks]
+    return Outcome(r, None, state_path, step=step, losses=losses, cancelled=cancelled, checks=checks,
                    lora_tensors=session.lora_tensors(), lora_info=info)
+
+
+def _recording(checks: list[Check], reporter: Reporter):
+    def on_check(step: int, total: int, series: list[Check]) -> None:
+        checks[:] = series
+        reporter.check(step, total, series)
+    return on_check
+
+
+def _saved_checks(checks: list[Check], state_path: str) -> list[Check]:
+    """The run's checks; after a host cancel inside a model pass, the series the state file kept."""
+    if checks or not os.path.exists(state_path):
+        return list(checks)
+    try:
+        return load_training_state(state_path).checks
+    except TrainingStateError:
+        return []
+
+
+def _checks_extra(checks: list[Check], state_path: str) -> dict:
+    saved = _saved_checks(checks, state_path)
+    return {"checks": [[c.step, c.loss] for c in saved]} if saved else {}
 
 
 def duration(seconds: float) -> str:
@@ -374,6 +429,9 @@ def summary(out: Outcome, had_state: bool) -> str:
         lines.append(f"Started a new run: the earlier training state of {r.name!r} was replaced "
                      "(resume continues a run instead).")
     lines.append(f"Final loss (mean of the last steps) {out.final_loss:.4g}; trained in {duration(out.seconds)}.")
+    if len(out.checks) > 1:
+        lines.append(f"Held-out check: {100 * check_ratio(out.checks):.0f}% of the start's gap to the CFG teacher is "
+                     f"left ({len(out.checks)} checks, steps {out.checks[0].step}-{out.checks[-1].step}).")
     if out.path:
         lines.append(f"Folder: {os.path.dirname(out.path)}. Training state: {os.path.basename(out.state_path)} "
                      "(resume with the same name to continue).")

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import torch
@@ -100,6 +100,7 @@ class LoraInfo:
     continued_from: str = ""  # the LoRA this one was trained on from (its file name and steps), if any
     teacher_samples: int = 0  # CFG teacher targets this run trained on (steps x batch x grad_accum x processes)
     command: str = ""  # the command line that made it, when one did
+    checks: list = field(default_factory=list)  # [step, loss] of the run's held-out progress checks
 
     def to_metadata(self) -> dict[str, str]:
         d = asdict(self)

@@ -163,6 +163,7 @@ class TrainResult:
     state_path: str | None  # the training-state file holding this result (None if none was asked)
     resumed_from: int = 0  # step the run continued from (0: a fresh run)
     config: TrainConfig | None = None
+    checks: list[Check] = field(default_factory=list)  # progress checks (train_student's check_every)
 
     def info(self, **fields) -> RefinerInfo:
         """Refiner-file metadata for save_refiner: shape, w and steps filled in; family etc. from fields."""
@@ -185,6 +186,55 @@ class GapReport:
 
 
 @dataclass
+class Check:
+    """One progress check: the student's loss on the run's fixed check samples at `step`."""
+    step: int
+    loss: float
+
+
+def check_ratio(checks: list[Check]) -> float:
+    """The last check's loss as a share of the first's (the run's start: a fresh run's is the model at
+    cfg 1 / without the LoRA); < 1 means the gap to the CFG teacher is closing."""
+    if len(checks) < 1 or not checks[0].loss > 0:
+        return float("nan")
+    return checks[-1].loss / checks[0].loss
+
+
+class ProgressCheck:
+    """Fixed samples the run never trains on: prompts of the training pool, with noise and noise levels
+    from a stream of their own (so the training stream is untouched), and their CFG targets made once.
+    `measure(student)` is the mean loss of the student's one pass on them, with no gradient; the
+    global RNG is forked so that measuring changes nothing a resumed run would do differently."""
+    SEED_OFFSET = 7_777_777
+
+    def __init__(self, sample_batch, teacher, config: TrainConfig, batches: int, device: torch.device,
+                 amp_dtype=None):
+        self.config, self.device, self.amp_dtype = config, device, amp_dtype
+        g = torch.Generator().manual_seed(config.seed + self.SEED_OFFSET)
+        self.data = []
+        with self._forked(), torch.no_grad(), self._amp():
+            torch.manual_seed(config.seed + self.SEED_OFFSET)  # the same samples after a resume, too
+            for _ in range(batches):
+                batch = sample_batch(0, g)
+                self.data.append((batch, teacher(batch).detach()))
+
+    def _forked(self):
+        return torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else [])
+
+    def _amp(self):
+        return torch.autocast("cuda", dtype=self.amp_dtype) if self.amp_dtype else contextlib.nullcontext()
+
+    def measure(self, student: "Student") -> float:
+        total = count = 0.0
+        with self._forked(), torch.no_grad(), self._amp():
+            for batch, target in self.data:
+                n = batch.x_t.shape[0]
+                total += float(distill_loss(student.predict(batch), target, self.config.loss)) * n
+                count += n
+        return total / count
+
+
+@dataclass
 class TrainingState:
     """The contents of a training-state file."""
     step: int
@@ -197,6 +247,7 @@ class TrainingState:
     scaler: dict | None = None
     shape: tuple = (0, 0, 0)  # the student's signature; a refiner's: token_dim, inner_dim, heads
     student: str = REFINER_KIND  # Student.kind of the run that wrote it
+    checks: list[Check] = field(default_factory=list)  # the progress checks so far (older states: none)
 
 
 @dataclass
@@ -350,7 +401,8 @@ def save_training_state(path: str, refiner: DiceRefiner, optimizer: torch.optim.
 
 def save_student_state(path: str, student: Student, optimizer: torch.optim.Optimizer, *, step: int,
                        losses: list[float], rng: dict[int, dict[str, torch.Tensor]], config: TrainConfig,
-                       scaler: "torch.amp.GradScaler | None" = None, metadata: dict[str, str] | None = None) -> None:
+                       scaler: "torch.amp.GradScaler | None" = None, metadata: dict[str, str] | None = None,
+                       checks: list[Check] | None = None) -> None:
     """save_training_state for any Student; metadata: the student's own file metadata (strings)."""
     named = student.named_trainable()
     tensors = {k: v.detach().float() for k, v in named}
@@ -369,6 +421,8 @@ def save_student_state(path: str, student: Student, optimizer: torch.optim.Optim
                 scaler=scaler.state_dict() if scaler is not None else None)
     if student.kind != REFINER_KIND:  # refiner states stay exactly as before
         meta["student"] = student.kind
+    if checks:
+        meta["checks"] = [[c.step, c.loss] for c in checks]
     metadata = {**(metadata or {}), _STATE_KEY: json.dumps(meta, sort_keys=True)}
     atomic_save_safetensors(tensors, path, metadata)
 
@@ -393,7 +447,8 @@ def load_training_state(path: str) -> TrainingState:
     state = TrainingState(step=int(meta["step"]), refiner={}, optimizer={}, rng={},
                           losses=tensors.pop("losses").tolist(), config=meta["config"],
                           world_size=int(meta.get("world_size", 1)), scaler=meta.get("scaler"),
-                          shape=tuple(meta["shape"]), student=meta.get("student", REFINER_KIND))
+                          shape=tuple(meta["shape"]), student=meta.get("student", REFINER_KIND),
+                          checks=[Check(int(a), float(b)) for a, b in meta.get("checks", [])])
     for key, t in tensors.items():
         if key.startswith("optim."):
             state.optimizer[key[len("optim."):]] = t
@@ -490,7 +545,8 @@ def train_refiner(config: TrainConfig,
                   init: DiceRefiner | None = None,
                   should_stop: Callable[[], bool] | None = None,
                   on_step: Callable[[int, int, float, float, float], None] | None = None,
-                  info: RefinerInfo | None = None, hooks: TrainingHooks | None = None) -> TrainResult:
+                  info: RefinerInfo | None = None, hooks: TrainingHooks | None = None,
+                  check_every: int = 0, on_check: Callable[[int, int, list[Check]], None] | None = None) -> TrainResult:
     """Distil CFG at config.guidance_scale into a DiceRefiner; see the module docstring.
 
     state_path: where the training state is written (every save_every steps, at the end, on cancel
@@ -499,7 +555,7 @@ def train_refiner(config: TrainConfig,
     should_stop() is polled before every step; on True the state is saved and the result says
     cancelled. on_step(step, total, loss, elapsed_s, eta_s) follows every step. info: refiner
     metadata (family, base model) written into the state file so it also loads as a refiner.
-    hooks: an experiment's changes to the run (TrainingHooks).
+    hooks: an experiment's changes to the run (TrainingHooks). check_every / on_check: train_student's.
     """
     config.validate()
     if not isinstance(token_dim, int) or token_dim <= 0:
@@ -519,10 +575,11 @@ def train_refiner(config: TrainConfig,
     run = train_student(config, RefinerStudent(refiner, student, config), sample_batch, teacher, device=device,
                         state_path=state_path, resume=resume, should_stop=should_stop, on_step=on_step,
                         metadata=(lambda step: _refiner_state_info(refiner, config, step, info)),
-                        on_batch=hooks.on_batch if hooks is not None else None)
+                        on_batch=hooks.on_batch if hooks is not None else None,
+                        check_every=check_every, on_check=on_check)
     refiner.eval().requires_grad_(False)
     return TrainResult(refiner=refiner, step=run.step, losses=run.losses, cancelled=run.cancelled,
-                       state_path=run.state_path, resumed_from=run.resumed_from, config=config)
+                       state_path=run.state_path, resumed_from=run.resumed_from, config=config, checks=run.checks)
 
 
 def _refiner_state_info(refiner: DiceRefiner, config: TrainConfig, step: int, info: RefinerInfo | None) -> dict:
@@ -540,6 +597,7 @@ class StudentRun:
     cancelled: bool
     state_path: str | None
     resumed_from: int = 0
+    checks: list[Check] = field(default_factory=list)
 
 
 def train_student(config: TrainConfig, student: Student,
@@ -549,12 +607,17 @@ def train_student(config: TrainConfig, student: Student,
                   should_stop: Callable[[], bool] | None = None,
                   on_step: Callable[[int, int, float, float, float], None] | None = None,
                   metadata: Callable[[int], dict[str, str]] | None = None,
-                  on_batch: Callable[[Batch, torch.Generator], Batch] | None = None) -> StudentRun:
+                  on_batch: Callable[[Batch, torch.Generator], Batch] | None = None,
+                  check_every: int = 0, check_batches: int = 4,
+                  on_check: Callable[[int, int, list[Check]], None] | None = None) -> StudentRun:
     """The loop for any Student (train_refiner's state, resume, cancel and divergence rules).
 
     The student's parameters must be on `device`, trainable and already initialised (the same on
     every rank, or rank 0's are broadcast). metadata(step) -> extra string metadata of state files.
-    on_batch(batch, generator) -> batch: TrainingHooks.on_batch."""
+    on_batch(batch, generator) -> batch: TrainingHooks.on_batch.
+    check_every > 0: the progress check (ProgressCheck, check_batches micro-batches, rank 0 only) at
+    the start, every check_every steps and at the end; on_check(step, total, checks) sees each, and
+    the checks are saved with the state (a resumed run continues the series)."""
     config.validate()
     rank, _ = _world()
     device = torch.device(device)
@@ -567,7 +630,7 @@ def train_student(config: TrainConfig, student: Student,
     generator = torch.Generator().manual_seed(config.seed + rank)  # each rank its own data
     torch.manual_seed(config.seed + rank)
 
-    step, losses, resumed = 0, [], False
+    step, losses, resumed, checks = 0, [], False, []
     if resume and state_path and os.path.exists(state_path):
         state = load_training_state(state_path)
         name = os.path.basename(state_path)
@@ -592,17 +655,29 @@ def train_student(config: TrainConfig, student: Student,
         else:  # saved by a different world size (or after a crash): new but well-defined streams
             generator.manual_seed(config.seed + rank + 1_000_003 * state.step)
         step, losses, resumed = state.step, list(state.losses), True
+        checks = list(state.checks)
     if _world()[1] > 1:  # all ranks start from rank 0's weights
         with torch.no_grad():
             for p in params:
                 dist.broadcast(p.data, src=0)
 
     start_step, started = step, time.monotonic()
+    probe = ProgressCheck(sample_batch, teacher, config, check_batches, device, amp_dtype) \
+        if check_every > 0 and rank == 0 and step < config.steps else None
+
+    def check() -> None:
+        checks.append(Check(step, probe.measure(student)))
+        if on_check is not None:
+            on_check(step, config.steps, list(checks))
+
+    if probe is not None and not checks:  # a resumed run continues its series (older states start one)
+        check()
 
     def save(rng_by_rank) -> None:
         if rank == 0 and state_path:
             save_student_state(state_path, student, optimizer, step=step, losses=losses, rng=rng_by_rank,
-                               config=config, scaler=scaler, metadata=metadata(step) if metadata else None)
+                               config=config, scaler=scaler, metadata=metadata(step) if metadata else None,
+                               checks=checks)
 
     cancelled = False
     rng_now = _rng_snapshot(generator)  # always the RNG state a run resumed at `step` must start from
@@ -621,6 +696,8 @@ def train_student(config: TrainConfig, student: Student,
             if on_step is not None:
                 elapsed = time.monotonic() - started
                 on_step(step, config.steps, loss, elapsed, elapsed / (step - start_step) * (config.steps - step))
+            if probe is not None and (step % check_every == 0 or step == config.steps):
+                check()
     except TrainingDiverged:
         raise  # keep the last good state file as it is
     except BaseException:
@@ -635,7 +712,7 @@ def train_student(config: TrainConfig, student: Student,
     if step > start_step or not resumed:
         save(_gather_rng(rng_now, device))
     return StudentRun(step=step, losses=losses, cancelled=cancelled, state_path=state_path if state_path else None,
-                      resumed_from=start_step if resumed else 0)
+                      resumed_from=start_step if resumed else 0, checks=checks)
 
 
 @torch.no_grad()

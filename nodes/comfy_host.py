@@ -16,7 +16,8 @@ import folder_paths
 from ..cfg_distill.families import FAMILIES, family_for_model_class, guidance_distilled_reason, model_size
 from ..cfg_distill.refiner_file import short_hash_of_file
 from ..cfg_distill.request import RequestError, TrainRequest
-from ..cfg_distill.run import Reporter
+from ..cfg_distill.run import Reporter, check_text
+from ..cfg_distill.training import check_ratio
 from ..cfg_distill.teefusion_training import LoraInfo, LoraStudent
 from . import folders
 from .comfy_training import ComfyDistillHost, TrajectoryPoints, encode_prompts
@@ -24,6 +25,7 @@ from .teefusion_training import TeEFusionLoraHost
 
 log = logging.getLogger("cfg_distill")
 PROGRESS_EVENT, DONE_EVENT = "cfg_distill.train.progress", "cfg_distill.train.done"
+CHECK_EVENT = "cfg_distill.train.check"  # {node, step, total, ratio, text}: a held-out progress check
 LORA_FOLDER = "loras"
 
 
@@ -126,6 +128,7 @@ class ComfyReporter(Reporter):
         self.main_rank = _rank() == 0
         self.pbar = comfy.utils.ProgressBar(steps, node_id=node_id)
         self.cancel = False
+        self.last_check = ""
 
     def should_stop(self) -> bool:
         if self.extra_stop is not None and self.extra_stop():
@@ -149,9 +152,21 @@ class ComfyReporter(Reporter):
             self.cancel = True
         send_event(PROGRESS_EVENT, {"node": self.node_id, "step": step, "total": total, "loss": loss,
                                     "eta_s": eta, "elapsed_s": elapsed})
-        progress_text(f"step {step}/{total}  loss {loss:.4g}  eta {eta:.0f}s", self.node_id)
+        check = f"  ·  {self.last_check}" if self.last_check else ""
+        progress_text(f"step {step}/{total}  loss {loss:.4g}  eta {eta:.0f}s{check}", self.node_id)
         if self.log_every and (step % self.log_every == 0 or step == total):
             log.info("step %d/%d loss %.5g eta %.0fs", step, total, loss, eta)
+
+    def check(self, step, total, checks) -> None:
+        """A held-out progress check: on the node (live view and its text) and in the console."""
+        if not self.main_rank:
+            return
+        text = check_text(checks, total)
+        self.last_check = text
+        ratio = check_ratio(checks) if len(checks) > 1 else None
+        send_event(CHECK_EVENT, {"node": self.node_id, "step": step, "total": total, "ratio": ratio,
+                                 "loss": checks[-1].loss, "text": text})
+        log.info("%s", text)
 
 
 class ComfyTrainingHost:

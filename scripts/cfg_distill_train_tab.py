@@ -53,9 +53,10 @@ class _Progress:
     def __init__(self):
         self.losses: list[float] = []
         self.text = "No training has run yet."
+        self.check = ""  # the latest held-out progress check
 
     def reset(self):
-        self.losses, self.text = [], "Starting..."
+        self.losses, self.text, self.check = [], "Starting...", ""
 
 
 PROGRESS = _Progress()
@@ -188,12 +189,17 @@ def run_training(prompts, guidance_scale, steps, batch_size, lr, loss, resolutio
     def on_step(step, total, loss_value, elapsed, eta):
         PROGRESS.losses.append(loss_value)
         state.job_no = step
-        on_status(wt.progress_text(step, total, loss_value, eta))
+        text = wt.progress_text(step, total, loss_value, eta)
+        on_status(f"{text}\n{PROGRESS.check}" if PROGRESS.check else text)
+
+    def on_check(text):
+        PROGRESS.check = text
 
     print(f"[cfg-distill] training {request.settings_line()}")
     outcome = wt.train_in_webui(request, host_model, folder=refiner_folder(),
                                 should_stop=lambda: bool(state.interrupted), on_step=on_step, on_status=on_status,
-                                base_checkpoint=checkpoint, base_hash=short_hash, eval_prompts=eval_prompts)
+                                on_check=on_check, base_checkpoint=checkpoint, base_hash=short_hash,
+                                eval_prompts=eval_prompts)
     PROGRESS.losses = list(outcome.losses)
     on_status(outcome.message)
     print(f"[cfg-distill] {outcome.message}")

@@ -38,7 +38,7 @@ from cfg_distill.fusion import repeat_to_length
 from cfg_distill.plot import loss_curve_image
 from cfg_distill.prompts import default_prompts  # noqa: F401  (the tab counts the bundled prompts)
 from cfg_distill.request import RequestError, TrainRequest as CoreRequest
-from cfg_distill.run import Reporter, duration as _duration, run
+from cfg_distill.run import Reporter, check_text, duration as _duration, run
 from cfg_distill.training import Batch, GapReport, TrainingDiverged, TrainingStateError, cfg_target, evaluate_gap
 
 _D = CoreRequest.defaults("dice")  # the one set of defaults every front door shares
@@ -511,8 +511,8 @@ class WebuiTrainingHost:
 
 
 class _TabReporter(Reporter):
-    def __init__(self, should_stop, on_step, on_status):
-        self._stop, self._step, self._status = should_stop, on_step, on_status
+    def __init__(self, should_stop, on_step, on_status, on_check=None):
+        self._stop, self._step, self._status, self._check = should_stop, on_step, on_status, on_check
 
     def should_stop(self) -> bool:
         return bool(self._stop()) if self._stop is not None else False
@@ -525,11 +525,18 @@ class _TabReporter(Reporter):
         if self._step is not None:
             self._step(step, total, loss, elapsed, eta)
 
+    def check(self, step, total, checks) -> None:
+        text = check_text(checks, total)
+        if self._check is not None:
+            self._check(text)
+        self.status(text)
+
 
 def train_in_webui(request: TrainRequest, model: WebuiModel, *, folder: str,
                    should_stop: Callable[[], bool] | None = None,
                    on_step: Callable[[int, int, float, float, float], None] | None = None,
                    on_status: Callable[[str], None] | None = None,
+                   on_check: Callable[[str], None] | None = None,
                    base_checkpoint: str = "", base_hash: str = "",
                    eval_prompts: Sequence[str] | None = None, eval_batches: int = 4) -> TrainOutcome:
     """Encode, make the training latents, train (resumable, interruptible) and save the refiner:
@@ -538,11 +545,12 @@ def train_in_webui(request: TrainRequest, model: WebuiModel, *, folder: str,
     should_stop() is polled while latents are made and before every step: a stop during training
     saves what was learned (refiner and state); a stop before training saves nothing. Errors the
     user can fix come back as a not-ok outcome with the message; anything else propagates.
-    eval_prompts: held-out prompts on which the trained refiner's gap to CFG is measured (outcome.gap)."""
+    eval_prompts: held-out prompts on which the trained refiner's gap to CFG is measured (outcome.gap).
+    on_check(text): each held-out progress check while training (cfg_distill.run.check_text)."""
     request = replace(request, autocast=model.autocast or "none")
     host = WebuiTrainingHost(model, folder, (base_checkpoint, base_hash))
     try:
-        out = run(request, host, _TabReporter(should_stop, on_step, on_status))
+        out = run(request, host, _TabReporter(should_stop, on_step, on_status, on_check))
         if out.path is None:
             return TrainOutcome(False, "Interrupted while making the training latents: nothing was trained or saved.",
                                 cancelled=True, total=request.steps)

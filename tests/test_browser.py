@@ -544,6 +544,14 @@ def _add_trainer(fe, node_type, settings):
     }""", [CKPT, node_type, settings])
 
 
+def _assert_final_check(fe, steps):
+    """The held-out progress check of the run's end is on the node: its text and its ratio."""
+    check = fe.page.locator(".cfgd-train .cfgd-check").first.inner_text()
+    assert f"held-out check at step {steps}/{steps}" in check and "% of the start's gap left" in check, check
+    ratio = float(fe.js("() => document.querySelector('.cfgd-train').dataset.checkRatio"))
+    assert 0 < ratio < 10 and f"{100 * ratio:.0f}%" in check, (ratio, check)
+
+
 def test_training_view_with_real_train_dice_refiner(fe, server, object_info):
     assert "TrainDiceRefiner" in object_info, "the real training node is not registered on the server"
     fe.js("() => app.graph.clear()")
@@ -552,6 +560,7 @@ def test_training_view_with_real_train_dice_refiner(fe, server, object_info):
     assert "queue the workflow" in fe.page.locator(".cfgd-train .cfgd-status").first.inner_text()
     seen, done = _watch_training(fe, server, nid, "training_view_real")
     assert seen[-1] == TRAIN_SETTINGS["steps"]
+    _assert_final_check(fe, seen[-1])
     assert "browser-test-refiner.safetensors" in done
 
 
@@ -565,6 +574,7 @@ def test_training_view_with_real_train_teefusion(fe, server, object_info):
     assert "queue the workflow" in fe.page.locator(".cfgd-train .cfgd-status").first.inner_text()
     seen, done = _watch_training(fe, server, nid, "training_view_teefusion")
     assert seen[-1] == settings["steps"]
+    _assert_final_check(fe, seen[-1])
     assert "browser-test-teefusion.safetensors" in done
 
 

@@ -101,6 +101,12 @@ def test_trains_and_writes_the_node_s_file_with_metadata(work):
     assert load_training_state(str(full["path"].parent / "full.dice-train-state")).config["lr_schedule"] == "cosine"
     assert re.search(r"step 8/8 loss [0-9.]+", full["log"])
     assert "done after 8 steps" in full["log"]
+    # The held-out progress check, at the start and every step of this short run: in the log while
+    # training, in the summary and in the file (the series a user can plot)
+    assert [s for s, _ in info.extra["checks"]] == list(range(9))
+    assert re.search(r"held-out check at step 4/8: \d+% of the start's gap left \((down|up) [0-9.]+ points since "
+                     r"step 3\)", full["log"]), full["log"][-3000:]
+    assert "Held-out check: " in full["log"] and "(9 checks, steps 0-8)" in full["log"]
     # It learned something: the output layer starts at zero.
     assert loaded.module.fc2.weight.abs().sum() > 0
     state = load_training_state(str(full["path"].parent / "full.dice-train-state"))
@@ -255,7 +261,10 @@ def test_torchrun_two_cpu_processes(work, comfy_model):
               torchrun=2)
     assert sorted(os.listdir(ddp_out)) == ["ddp.dice-train-state", "ddp.safetensors"]  # rank 0 only
     assert "2 process(es) (gloo)" in log
-    assert log.count("DICE refiner saved after") == 1 and log.count(f"step {steps}/{steps}") == 1
+    assert log.count("DICE refiner saved after") == 1 and log.count(f"step {steps}/{steps} loss") == 1
+    # the held-out progress check runs on rank 0 only: one line per check, the last at the end
+    assert log.count(f"held-out check at step {steps}/{steps}") == 1 and "[rank 1]" not in \
+        "".join(line for line in log.splitlines() if "held-out check" in line)
     ddp_state = load_training_state(str(ddp_out / "ddp.dice-train-state"))
     assert ddp_state.world_size == 2 and ddp_state.step == steps and sorted(ddp_state.rng) == [0, 1]
 

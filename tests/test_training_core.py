@@ -20,7 +20,8 @@ from safetensors.torch import load_file, save_file
 
 from cfg_distill.refiner import refine
 from cfg_distill.refiner_file import load_refiner, save_refiner
-from cfg_distill.training import (Batch, TrainConfig, TrainingDiverged, TrainingStateError, cfg_target,
+from cfg_distill.run import check_text
+from cfg_distill.training import (Batch, TrainConfig, TrainingDiverged, TrainingStateError, cfg_target, check_ratio,
                                   distill_loss, evaluate_gap, load_training_state, new_refiner, train_refiner)
 
 D, T, VOCAB, W = 32, 8, 48, 5.0
@@ -223,6 +224,37 @@ def test_resume_after_cancel_or_error_equals_an_uninterrupted_run(tmp_path):
     digest = file_digest(path)
     again = train(config, state_path=path, resume=True)
     assert again.step == 24 and file_digest(path) == digest
+
+
+def test_progress_checks_fall_resume_and_change_nothing_else(tmp_path):
+    """The held-out progress check: measured at the start, every check_every steps and at the end, on
+    samples of its own stream; it falls as the refiner learns, is kept in the state file, continues
+    after a resume, and leaves the trained weights and losses exactly as without it."""
+    config = TrainConfig(steps=30, batch_size=4, grad_accum=2, save_every=7, **FAST)
+    plain = train(config)
+    seen = []
+    checked = train(config, check_every=10, on_check=lambda step, total, checks: seen.append((step, total)))
+    assert seen == [(0, 30), (10, 30), (20, 30), (30, 30)]
+    assert [c.step for c in checked.checks] == [0, 10, 20, 30]
+    assert checked.losses == plain.losses
+    for k, v in weights(plain.refiner).items():
+        assert torch.equal(v, checked.refiner.state_dict()[k]), k
+    # a fresh refiner is the identity: the first check is cfg 1's gap on those samples
+    assert check_ratio(checked.checks) < 0.8, checked.checks
+    assert checked.checks[-1].loss < checked.checks[1].loss < checked.checks[0].loss
+    text = check_text(checked.checks, 30)
+    assert f"{100 * check_ratio(checked.checks):.0f}% of the start's gap left" in text and "since step 20" in text
+
+    path = str(tmp_path / "state.safetensors")
+    done = []
+    first = train(config, state_path=path, check_every=10, on_step=lambda s, *_: done.append(s),
+                  should_stop=lambda: len(done) >= 14)
+    assert [c.step for c in first.checks] == [0, 10] and [c.step for c in load_training_state(path).checks] == [0, 10]
+    resumed = train(config, state_path=path, resume=True, check_every=10)
+    assert [c.step for c in resumed.checks] == [0, 10, 20, 30]
+    assert [c.loss for c in resumed.checks] == pytest.approx([c.loss for c in checked.checks], rel=1e-6)
+    assert resumed.losses == plain.losses
+    assert [c.step for c in load_training_state(path).checks] == [0, 10, 20, 30]
 
 
 def test_cancel_saves_and_reports(tmp_path):

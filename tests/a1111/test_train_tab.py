@@ -88,15 +88,23 @@ def test_a1111_sd1_tab_trains_a_refiner_that_beats_cfg1_on_held_out_prompts(webu
     before = mixed_flags(model)
     seen = []
 
+    texts = []
+
     def on_apply(m):  # every model pass: the queue lock is held and the whole model is frozen
         seen.append((env.call_queue.queue_lock.locked(), any(p.requires_grad for p in m.parameters()),
                      env.shared.state.job))
+        texts.append(env.shared.state.textinfo)
 
     model.on_apply = on_apply
     image, status = click(env, steps=40, save_every=15)
 
     path = tmp_path / "ref.safetensors"
     assert "Done: 40/40 steps, saved ref.safetensors" in status and "class='error'" not in status
+    # the held-out progress check, live (under the step line) and in the outcome: steps 0, 4, ..., 40
+    live = [t for t in texts if t and t.startswith("step ") and "held-out check at step 4/40" in t]
+    assert live and "% of the start's gap left" in live[-1], texts[-3:]
+    assert re.search(r"Held-out check: \d+% of the start.{1,6}s gap to the CFG teacher is left \(11 checks, steps 0-40\)",
+                     status), status
     assert path.is_file() and (tmp_path / "ref.dice-train-state").is_file()
     info = read_refiner_info(str(path))
     assert (info.base_family, info.token_dim, info.base_checkpoint, info.base_hash) == (
@@ -269,7 +277,8 @@ def test_interrupt_saves_what_was_learned_and_resume_continues_exactly(webui, tm
     model = A1111Model(parameterization="v")
     env = webui("a1111", model)
     state = env.shared.state
-    model.on_apply = lambda m: state.job_no >= 3 and state.interrupt()  # the user clicks Interrupt in step 4
+    # the user clicks Interrupt in step 4 (a training pass: the held-out checks run without gradients)
+    model.on_apply = lambda m: state.job_no >= 3 and torch.is_grad_enabled() and state.interrupt()
 
     _, status = click(env, steps=6, batch=2, name="run")
     assert "Interrupted at step 4/6: saved what was learned to run.safetensors" in status, status

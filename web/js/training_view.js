@@ -1,7 +1,10 @@
 // Live training view: the training node (TrainDiceRefiner) reports each step over the websocket
 // ("cfg_distill.train.progress" {node, step, total, loss, eta_s, elapsed_s}) and once at the end
-// ("cfg_distill.train.done" {node, final_loss, file, cancelled, steps}). We draw step, loss, ETA and
-// a small loss curve on the node the server names, so a long run can be watched without the console.
+// ("cfg_distill.train.done" {node, final_loss, file, cancelled, steps}), and at the start, every tenth
+// of the run and at the end a held-out progress check ("cfg_distill.train.check" {node, step, total,
+// ratio, text}: the share of the start's gap to CFG left on samples the run never trains on). We draw
+// step, loss, ETA, a small loss curve and the latest check on the node the server names, so a long
+// run can be watched without the console, and stopped early knowingly.
 import { app } from "../../../scripts/app.js"; // served at /extensions/<pack>/js/
 import { api } from "../../../scripts/api.js";
 
@@ -18,6 +21,7 @@ const STYLE = `
 .cfgd-train .cfgd-bar > div { height: 100%; width: 0; background: #4caf50; }
 .cfgd-train svg { flex: 1; min-height: 40px; width: 100%; background: #1b1b1b; border-radius: 4px; }
 .cfgd-train polyline { fill: none; stroke: #ffb74d; stroke-width: 1.5; vector-effect: non-scaling-stroke; }
+.cfgd-train .cfgd-check { color: #90caf9; overflow-wrap: anywhere; }
 .cfgd-train .cfgd-done { color: #81c784; overflow-wrap: anywhere; }
 .cfgd-train .cfgd-done.cancelled { color: #e57373; }
 `;
@@ -74,6 +78,7 @@ function createView(node) {
   svg.setAttribute("viewBox", "0 0 100 100");
   svg.setAttribute("preserveAspectRatio", "none");
   const line = el("polyline", "", svg);
+  const check = el("div", "cfgd-check", root);
   const done = el("div", "cfgd-done", root);
   const widget = node.addDOMWidget("cfg_distill_training", "cfg_distill_training", root, {
     serialize: false, // a view, not a value: never saved in the workflow or sent to the server
@@ -81,7 +86,7 @@ function createView(node) {
     getMinHeight: () => 110,
   });
   widget.serialize = false;
-  const view = { node, root, status, fill, line, done, widget, points: [], stride: 1, lastStep: 0, finished: false };
+  const view = { node, root, status, fill, line, check, done, widget, points: [], stride: 1, lastStep: 0, finished: false };
   views.set(node, view);
   fit(node);
   return view;
@@ -132,6 +137,7 @@ function onProgress({ detail }) {
     view.points = [];
     view.stride = 1;
     view.done.textContent = "";
+    view.check.textContent = "";
     view.done.classList.remove("cancelled");
     view.finished = false;
   }
@@ -146,6 +152,22 @@ function onProgress({ detail }) {
   view.fill.style.width = `${total > 0 ? Math.min(100, (100 * step) / total) : 0}%`;
   Object.assign(view.root.dataset, { step, total, loss, state: "running" });
   drawCurve(view);
+  node.setDirtyCanvas?.(true, false);
+}
+
+function onCheck({ detail }) {
+  const node = nodeForExecutionId(detail?.node);
+  if (!node) return;
+  const view = viewFor(node);
+  if (detail.step === 0) {
+    // A new run's first check comes before its first step: start its fresh curve here.
+    Object.assign(view, { points: [], stride: 1, lastStep: 0, finished: false });
+    view.done.textContent = "";
+    view.done.classList.remove("cancelled");
+    drawCurve(view);
+  }
+  view.check.textContent = String(detail.text ?? "");
+  Object.assign(view.root.dataset, { checkStep: detail.step, checkRatio: detail.ratio ?? "" });
   node.setDirtyCanvas?.(true, false);
 }
 
@@ -171,6 +193,7 @@ app.registerExtension({
   async setup() {
     api.addEventListener("cfg_distill.train.progress", onProgress);
     api.addEventListener("cfg_distill.train.done", onDone);
+    api.addEventListener("cfg_distill.train.check", onCheck);
   },
   nodeCreated(node) {
     // The training node shows its (empty) view from the start; any other node only if the server
@@ -179,6 +202,7 @@ app.registerExtension({
   },
   viewOf: (node) => {
     const v = views.get(node);
-    return v && { text: v.status.textContent, done: v.done.textContent, points: v.points.length, ...v.root.dataset };
+    return v && { text: v.status.textContent, done: v.done.textContent, check: v.check.textContent,
+      points: v.points.length, ...v.root.dataset };
   },
 });
