@@ -12,7 +12,7 @@ that step and judges it with the testbed bench (held-out prompts, CFG at the sam
     python benchmarks/time_to_quality.py train dice --out out/ttq/dice-default
     python benchmarks/time_to_quality.py train dice --out out/ttq/dice-X -- --steps 4000 --lr 1e-3
     python benchmarks/time_to_quality.py evaluate out/ttq/dice-default [--prompts 60 --seeds 4]
-    python benchmarks/time_to_quality.py plot out/ttq/dice-default [more runs] --png docs/time_to_quality.png
+    python benchmarks/time_to_quality.py plot out/ttq/dice-default/curve-*.json [more] --png docs/time_to_quality.png
 
 A snapshot's teacher samples are step x batch_size x grad_accum (the training targets the CFG teacher
 made; the x0 latents of the data-free mode cost a further prompts x x0_steps CFG steps once, recorded
@@ -106,7 +106,7 @@ def train(args) -> int:
     return proc.returncode
 
 
-def _snapshot_file(core, method: str, state_path: str, out_path: str) -> dict:
+def _snapshot_file(core, method: str, state_path: str, out_path: str, template: str = "") -> dict:
     """The file the run would have written at the snapshot's step; returns {step, teacher_samples}."""
     st = core.training.load_training_state(state_path)
     cfg = st.config or {}
@@ -117,14 +117,28 @@ def _snapshot_file(core, method: str, state_path: str, out_path: str) -> dict:
         refiner.load_state_dict(st.refiner)
         core.refiner_file.save_refiner(out_path, refiner, info)
     else:
+        # The state holds the student's tensors under its module names ("<module>.lora_up" [out, r]);
+        # the run's own output file (written at its end) gives the LoRA key, shape and alpha of each.
         from safetensors import safe_open
         from safetensors.torch import save_file
 
-        with safe_open(state_path, "pt") as f:
-            meta = f.metadata() or {}
-        save_file({k: v.contiguous() for k, v in st.refiner.items()}, out_path,
-                  metadata={k: v for k, v in meta.items() if k.startswith(("ss_", "modelspec", "cfg_distill"))})
-    return dict(step=st.step, teacher_samples=samples)
+        import importlib
+
+        lora_key = importlib.import_module(core.__name__ + ".teefusion_training").lora_key
+        with safe_open(template, "pt") as f:
+            meta, ref = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+        out = {}
+        for name, t in st.refiner.items():
+            module, part = name.rsplit(".", 1)  # part: lora_up / lora_down
+            key = f"{lora_key(module)}.{part}.weight"
+            out[key] = t.reshape(ref[key].shape).to(ref[key].dtype).contiguous()
+            out[f"{lora_key(module)}.alpha"] = ref[f"{lora_key(module)}.alpha"]
+        if set(out) != set(ref):
+            raise SystemExit(f"snapshot {state_path} does not match the run's file {template}: "
+                             f"{sorted(set(ref) ^ set(out))[:3]}")
+        save_file(out, out_path, metadata=meta)
+    ratio = st.checks[-1].loss / st.checks[0].loss if len(st.checks) > 1 and st.checks[0].loss > 0 else None
+    return dict(step=st.step, teacher_samples=samples, check_ratio=ratio)
 
 
 def evaluate(args) -> int:
@@ -142,7 +156,8 @@ def evaluate(args) -> int:
         specs = []
         for s in snaps:
             path = os.path.join(ev, s["file"].split(".")[0] + ".safetensors")
-            s.update(_snapshot_file(core, method, os.path.join(run_dir, "snapshots", s["file"]), path))
+            s.update(_snapshot_file(core, method, os.path.join(run_dir, "snapshots", s["file"]), path,
+                                    template=os.path.join(run_dir, "files", "run.safetensors")))
             s["path"] = path
             specs.append(s)
         rows = []
@@ -159,7 +174,7 @@ def evaluate(args) -> int:
             out = bench.run(bench.main_args(bench_args))
             summ, res = out["summary"], out["results"]
             row = dict(step=s["step"], teacher_samples=s["teacher_samples"], wall_s=s["wall_s"],
-                       cfg_images=s["wall_s"] / record["cfg_image_seconds"])
+                       cfg_images=s["wall_s"] / record["cfg_image_seconds"], check_ratio=s.get("check_ratio"))
             if method == "dice":
                 row["recovery"] = {"5": summ.get("recovery_dice")}
                 for w in (3, 7):
@@ -177,16 +192,22 @@ def evaluate(args) -> int:
 
 
 def plot(args) -> int:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        print("error: the plot needs matplotlib (a lab tool, not a dependency of the pack): "
+              "pip install matplotlib", file=sys.stderr)
+        return 2
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for curve_path in args.curves:
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.4))
+    for spec in args.curves:
+        curve_path, _, label = spec.partition("=")  # PATH or PATH=LABEL
         with open(curve_path) as f:
             c = json.load(f)
-        label = c["run"]["method"] + (" " + " ".join(c["run"]["extra"]) if c["run"]["extra"] else " (defaults)")
+        label = label or c["run"]["method"] + (" " + " ".join(c["run"]["extra"]) if c["run"]["extra"] else " (defaults)")
         for w, style in (("5", "-"), ("3", ":"), ("7", "--")):
             xs = [r["teacher_samples"] for r in c["rows"] if r["recovery"].get(w) is not None]
             ys = [100 * r["recovery"][w] for r in c["rows"] if r["recovery"].get(w) is not None]
@@ -195,12 +216,22 @@ def plot(args) -> int:
         xs = [r["cfg_images"] for r in c["rows"] if r["recovery"].get("5") is not None]
         ys = [100 * r["recovery"]["5"] for r in c["rows"] if r["recovery"].get("5") is not None]
         axes[1].plot(xs, ys, marker="o", ms=3, label=f"{label}, w=5")
-    for ax, xl in ((axes[0], "teacher samples"), (axes[1], "wall time, in 20-step CFG images' worth (same machine)")):
+        pts = [(100 * r["recovery"]["5"], 100 * r["check_ratio"]) for r in c["rows"]
+               if r.get("check_ratio") is not None and r["recovery"].get("5") is not None]
+        if pts:  # what the live held-out check said when the run had that quality
+            axes[2].plot([p[1] for p in pts], [p[0] for p in pts], marker="o", ms=3, label=f"{label}, w=5")
+    axes[2].set_xlabel("held-out check: % of the start's gap left (shown while training)")
+    axes[2].invert_xaxis()
+    for ax, xl in ((axes[0], "teacher samples"), (axes[1], "wall time, in 20-step CFG images' worth (same machine)"),
+                   (axes[2], None)):
         ax.axhline(90, color="grey", lw=0.8, ls="--")
-        ax.set_xlabel(xl)
+        if xl:
+            ax.set_xlabel(xl)
         ax.set_ylabel("% of CFG's gain kept (held-out prompts)")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
+    if axes[2].lines:
+        axes[2].legend(fontsize=7)
     fig.suptitle("Time to quality of one training run (testbed)")
     fig.tight_layout()
     fig.savefig(args.png, dpi=110)
@@ -222,7 +253,7 @@ def main(argv=None) -> int:
     e.add_argument("--seed", type=int, default=1)
     e.add_argument("--last", type=int, default=0, help="only the last N snapshots (0: all)")
     p = sub.add_parser("plot", help="draw curves of evaluated runs")
-    p.add_argument("curves", nargs="+", help="curve-*.json files written by evaluate")
+    p.add_argument("curves", nargs="+", help="curve-*.json files written by evaluate (FILE=LABEL names a curve)")
     p.add_argument("--png", default=os.path.join(ROOT, "docs", "time_to_quality.png"))
     argv = list(sys.argv[1:] if argv is None else argv)
     extra = argv[argv.index("--") + 1:] if "--" in argv else []  # flags for the training command line
