@@ -222,7 +222,7 @@ def plot(args) -> int:
             axes[2].plot([p[1] for p in pts], [p[0] for p in pts], marker="o", ms=3, label=f"{label}, w=5")
     axes[2].set_xlabel("held-out check: % of the start's gap left (shown while training)")
     axes[2].invert_xaxis()
-    for ax, xl in ((axes[0], "teacher samples"), (axes[1], "wall time, in 20-step CFG images' worth (same machine)"),
+    for ax, xl in ((axes[0], "teacher samples"), (axes[1], "wall time, in 20-step CFG images' worth (CPU, shared cores)"),
                    (axes[2], None)):
         ax.axhline(90, color="grey", lw=0.8, ls="--")
         if xl:

@@ -94,12 +94,12 @@ class TrainRequest:
     batch_size: int = field(default=4, metadata=_opt(
         "samples per micro-batch (sets the memory); the effective batch is batch_size x grad_accum"))
     grad_accum: int | None = field(default=None, metadata=_opt(
-        "micro-batches per optimizer step", dice=4, teefusion=1))
+        "micro-batches per optimizer step", dice=4, teefusion=4))
     lr: float | None = field(default=None, metadata=_opt("AdamW learning rate", aliases=("--learning-rate",),
-                                                                       dice=5e-4, teefusion=1e-4))
+                                                                       dice=5e-4, teefusion=1e-3))
     lr_schedule: str | None = field(default=None, metadata=_opt(
         "cosine: the rate falls to 0 over the run; constant: the same rate throughout (a resumed run with more "
-        "steps continues exactly)", dice="cosine", teefusion="constant"))
+        "steps continues exactly)", dice="cosine", teefusion="cosine"))
     loss: str = field(default="l2", metadata=_opt("l2 or l1 (paper: l1 for SD1.5, l2 for SDXL), summed per sample"))
     width: int = field(default=0, metadata=_opt(
         "training image width in pixels (multiple of 8); 0: the model's own size (the checkpoint's "

@@ -207,7 +207,11 @@ class TrainTeEFusion(io.ComfyNode):
                 io.Vae.Input("vae", optional=True, tooltip="Needed with images."),
                 io.String.Input("captions", multiline=True, optional=True, default=""),
                 io.Combo.Input("lr_schedule", options=["constant", "cosine"], default=T["lr_schedule"], optional=True,
-                               tooltip="cosine: the learning rate falls to 0 over the run (a final polish)."),
+                               tooltip="cosine: the learning rate falls to 0 over the run (the default: on the "
+                                       "testbed 2000 x 4 x 4 at 1e-3 cosine kept 95-98% of CFG's gain at w 3-7)."),
+                io.Int.Input("grad_accum", default=T["grad_accum"], min=1, max=1024, optional=True,
+                             tooltip="Micro-batches per optimizer step: effective batch batch_size x grad_accum at "
+                                     "the memory of batch_size. Absent (older API workflows): 1, as then."),
                 io.Combo.Input("continue_from", options=[NO_INIT] + folder_paths.get_filename_list(LORA_FOLDER),
                                default=NO_INIT, optional=True,
                                tooltip="Start from a student LoRA saved by Train TeEFusion for this checkpoint (same "
@@ -221,6 +225,7 @@ class TrainTeEFusion(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, images=None, vae=None, continue_from=NO_INIT, **inputs) -> io.NodeOutput:
+        inputs.setdefault("grad_accum", 1)  # absent in API workflows made before it existed: as then
         request = request_from_inputs("teefusion", inputs, images=images, start_from="" if continue_from in
                                       (None, "", NO_INIT) else folder_paths.get_full_path_or_raise(LORA_FOLDER,
                                                                                                     continue_from))

@@ -338,8 +338,8 @@ def test_torchrun_two_cpu_processes_write_one_lora(tmp_path):
 
     loaded = comfy.sd.load_lora_for_models(env_model(ckpt), None, tensors, 1.0, 0)[0]
     assert len(loaded.patches) == sum(k.endswith(".lora_up.weight") for k in tensors)
-    # What made it and what it cost: 3 steps x batch 1 x grad_accum 1 (the default) x 2 processes
-    assert student["teacher_samples"] == 3 * 1 * 1 * 2
+    # What made it and what it cost: 3 steps x batch 1 x grad_accum 4 (the default) x 2 processes
+    assert student["teacher_samples"] == 3 * 1 * 4 * 2
     assert student["command"].startswith("python -m cfg_distill train teefusion --comfyui ")
 
 
