@@ -608,14 +608,15 @@ def train_student(config: TrainConfig, student: Student,
                   on_step: Callable[[int, int, float, float, float], None] | None = None,
                   metadata: Callable[[int], dict[str, str]] | None = None,
                   on_batch: Callable[[Batch, torch.Generator], Batch] | None = None,
-                  check_every: int = 0, check_batches: int = 4,
+                  check_every: int = 0, check_batches: int | None = None,
                   on_check: Callable[[int, int, list[Check]], None] | None = None) -> StudentRun:
     """The loop for any Student (train_refiner's state, resume, cancel and divergence rules).
 
     The student's parameters must be on `device`, trainable and already initialised (the same on
     every rank, or rank 0's are broadcast). metadata(step) -> extra string metadata of state files.
     on_batch(batch, generator) -> batch: TrainingHooks.on_batch.
-    check_every > 0: the progress check (ProgressCheck, check_batches micro-batches, rank 0 only) at
+    check_every > 0: the progress check (ProgressCheck, check_batches micro-batches, by default
+    min(grad_accum, 4): at most an optimizer step's worth of forwards per check; rank 0 only) at
     the start, every check_every steps and at the end; on_check(step, total, checks) sees each, and
     the checks are saved with the state (a resumed run continues the series)."""
     config.validate()
@@ -662,6 +663,7 @@ def train_student(config: TrainConfig, student: Student,
                 dist.broadcast(p.data, src=0)
 
     start_step, started = step, time.monotonic()
+    check_batches = check_batches or min(config.grad_accum, 4)
     probe = ProgressCheck(sample_batch, teacher, config, check_batches, device, amp_dtype) \
         if check_every > 0 and rank == 0 and step < config.steps else None
 
